@@ -1,0 +1,220 @@
+"""DB host: consumes images and inference results from Kafka and UPSERTs them into PostgreSQL.
+
+Per batch: decode (bad records go to the dead-letter topic), write every row in one
+transaction, confirm the dead letters, then commit the Kafka offsets. A crash anywhere before
+the offset commit replays the batch; the UPSERTs make the replay harmless. While PostgreSQL is
+down the consumer pauses its partitions and retries, so nothing is lost or dead-lettered.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import CommitFailedError
+
+from iot_pipeline import config, kafka_io, messages, store
+from iot_pipeline.config import ConfigError, KafkaSettings, Option
+from iot_pipeline.runtime import StopFlag, backoff, configure_logging
+
+log = logging.getLogger("iot_pipeline.db_consumer")
+
+OPTIONS: tuple[Option, ...] = (
+    *config.KAFKA_OPTIONS,
+    *config.COMMON_OPTIONS,
+    Option("group_id", "IOT_DB_GROUP_ID", "consumer group of the database writers",
+           default="iot-db-writer"),
+    Option("batch_size", "IOT_DB_BATCH_SIZE", "records per database transaction",
+           config.positive_int, default="500"),
+    Option("batch_linger_ms", "IOT_DB_BATCH_LINGER_MS",
+           "how long to wait to fill a batch once a record arrived", config.non_negative_int,
+           default="200"),
+    Option("dsn", "IOT_DB_DSN",
+           "libpq connection string; empty uses PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD",
+           default=""),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka: KafkaSettings
+    group_id: str
+    batch_size: int
+    batch_linger_s: float
+    dsn: str
+    expected_image_size: tuple[int, int] | None
+    max_image_bytes: int
+    log_level: str = "INFO"
+
+
+def load_settings(argv: Sequence[str] | None = None, environ=None) -> tuple[Settings, bool]:
+    options = OPTIONS
+    if "--migrate-only" in (sys.argv[1:] if argv is None else argv):
+        # Migrating touches only PostgreSQL: Kafka settings may be absent.
+        options = tuple(replace(o, required=False, default="unused:9092")
+                        if o.env == "IOT_KAFKA_BOOTSTRAP_SERVERS" else o for o in OPTIONS)
+    values = config.load(
+        options, argv, environ, prog="db-consumer", description=__doc__.splitlines()[0],
+        extra_flags=lambda p: p.add_argument(
+            "--migrate-only", action="store_true",
+            help="create or migrate the schema, then exit (run as the database owner)"),
+    )
+    settings = Settings(
+        kafka=config.kafka_settings(values),
+        group_id=values["group_id"],
+        batch_size=values["batch_size"],
+        batch_linger_s=values["batch_linger_ms"] / 1000,
+        dsn=values["dsn"],
+        expected_image_size=values["expected_image_size"],
+        max_image_bytes=values["max_image_bytes"],
+        log_level=values["log_level"],
+    )
+    return settings, values["migrate_only"]
+
+
+def sort_batch(
+    records: Sequence[ConsumerRecord],
+    settings: Settings,
+) -> tuple[list[messages.ImageMessage], list[messages.ResultMessage],
+           list[tuple[ConsumerRecord, messages.InvalidMessage]]]:
+    """Split a batch into images to store, results to store, and records to dead-letter."""
+    images, results, rejected = [], [], []
+    for record in records:
+        try:
+            message = messages.decode(
+                record.value, expected_size=settings.expected_image_size,
+                max_image_bytes=settings.max_image_bytes,
+            )
+        except messages.InvalidMessage as error:
+            rejected.append((record, error))
+            continue
+        (images if isinstance(message, messages.ImageMessage) else results).append(message)
+    return images, results, rejected
+
+
+class DbConsumer:
+    def __init__(self, settings: Settings, stop: StopFlag) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.consumer = kafka_io.consumer(
+            settings.kafka, settings.group_id,
+            [settings.kafka.images_topic, settings.kafka.results_topic],
+            client_id="iot-db-consumer", max_poll_records=settings.batch_size,
+        )
+        self.producer = kafka_io.producer(settings.kafka, client_id="iot-db-consumer-dlq")
+        self.dead_letters = kafka_io.DeadLetters(self.producer, settings.kafka.dlq_topic,
+                                                 settings.group_id)
+        self.conn = None
+        self.stored_images = 0
+        self.stored_results = 0
+
+    def run(self) -> None:
+        self.conn = self._connect_until_up()
+        if self.conn is None:
+            return
+        store.ensure_schema(self.conn)
+        while not self.stop.is_set():
+            batch = kafka_io.poll_batch(self.consumer, self.settings.batch_size,
+                                        self.settings.batch_linger_s)
+            if batch:
+                self.process(batch)
+        log.info("stopped: %d images and %d results stored, %d dead letters",
+                 self.stored_images, self.stored_results, self.dead_letters.count)
+
+    def process(self, batch: Sequence[ConsumerRecord]) -> None:
+        images, results, rejected = sort_batch(batch, self.settings)
+        for record, error in rejected:
+            self.dead_letters.send(record, error)
+        summary = self._write_until_stored(images, results)
+        if summary is None:
+            return  # stopping while PostgreSQL is down: nothing committed, Kafka replays it
+        self.dead_letters.confirm()
+        try:
+            self.consumer.commit()
+        except CommitFailedError as exc:
+            # The group rebalanced; the new owner replays this batch and the UPSERTs absorb it.
+            log.warning("offset commit failed after a rebalance: %s", exc)
+        self.stored_images += summary.images
+        self.stored_results += summary.results
+        log.debug("stored %d images, %d results (%s .. %s)", summary.images, summary.results,
+                  kafka_io.where(batch[0]), kafka_io.where(batch[-1]))
+
+    def _write_until_stored(self, images, results) -> store.WriteSummary | None:
+        delays = backoff()
+        paused = False
+        try:
+            while True:
+                try:
+                    if self.conn is None or self.conn.closed:
+                        self.conn = store.connect(self.settings.dsn)
+                    return store.write_batch(self.conn, images, results)
+                except store.StoreUnavailable as exc:
+                    self._close_connection()
+                    delay = next(delays)
+                    log.error("PostgreSQL unavailable (%s); retrying in %.1fs", exc, delay)
+                    if not paused:
+                        self.consumer.pause(*self.consumer.assignment())
+                        paused = True
+                    # Polling while paused fetches nothing but keeps this member in its group.
+                    self.consumer.poll(timeout_ms=0)
+                    if self.stop.wait(delay):
+                        return None
+        finally:
+            if paused:
+                self.consumer.resume(*self.consumer.paused())
+                log.info("PostgreSQL is back")
+
+    def _connect_until_up(self):
+        for delay in backoff():
+            try:
+                return store.connect(self.settings.dsn)
+            except store.StoreUnavailable as exc:
+                log.error("cannot connect to PostgreSQL (%s); retrying in %.1fs", exc, delay)
+                if self.stop.wait(delay):
+                    return None
+        return None
+
+    def _close_connection(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:
+                log.debug("closing a broken connection failed", exc_info=True)
+        self.conn = None
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+        self.producer.close(timeout=10)
+        self._close_connection()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings, migrate_only = load_settings(argv)
+    except ConfigError as exc:
+        print(f"db-consumer: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if migrate_only:
+        conn = store.connect(settings.dsn)
+        try:
+            ran = store.migrate(conn)
+        finally:
+            conn.close()
+        # Ansible reads this line to report changed / ok.
+        print("schema migrated" if ran else "schema up to date")
+        return 0
+    stop = StopFlag().install()
+    consumer = DbConsumer(settings, stop)
+    try:
+        consumer.run()
+    finally:
+        consumer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

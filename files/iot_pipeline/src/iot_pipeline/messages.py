@@ -1,0 +1,232 @@
+"""The wire format, in one place: image and result messages as JSON on Kafka, and their checks.
+
+An image message (simulator -> images topic)::
+
+    {"schema": 1, "type": "image", "unique_id": "...", "device_id": "device-0007",
+     "produced_at": "2026-11-28T15:00:00.123456+00:00", "ground_truth": "apple",
+     "image_format": "png", "image": "<base64 PNG>"}
+
+A result message (inference consumer -> results topic)::
+
+    {"schema": 1, "type": "result", "unique_id": "...", "inferred_value": "tabby",
+     "score": 0.41, "model": "resnet50-imagenet", "inferred_at": "...",
+     "top_k": [["tabby", 0.41], ["tiger cat", 0.2]]}
+
+Anything that does not decode into one of these raises :class:`InvalidMessage` with a short
+machine-readable ``reason`` (the dead-letter header) and a human ``detail``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+SCHEMA_VERSION = 1
+IMAGE_FORMATS = frozenset({"PNG", "JPEG"})
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_ID_LENGTH = 200
+
+
+class InvalidMessage(ValueError):
+    """A message that can never be processed: it belongs in the dead-letter topic."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class ImageMessage:
+    unique_id: str
+    device_id: str
+    ground_truth: str
+    image_png: bytes = field(repr=False)
+    produced_at: datetime
+
+    def to_bytes(self) -> bytes:
+        return _dump({
+            "schema": SCHEMA_VERSION,
+            "type": "image",
+            "unique_id": self.unique_id,
+            "device_id": self.device_id,
+            "produced_at": self.produced_at.isoformat(),
+            "ground_truth": self.ground_truth,
+            "image_format": "png",
+            "image": base64.b64encode(self.image_png).decode("ascii"),
+        })
+
+
+@dataclass(frozen=True)
+class ResultMessage:
+    unique_id: str
+    inferred_value: str
+    score: float
+    model: str
+    inferred_at: datetime
+    top_k: tuple[tuple[str, float], ...] = ()
+
+    def to_bytes(self) -> bytes:
+        return _dump({
+            "schema": SCHEMA_VERSION,
+            "type": "result",
+            "unique_id": self.unique_id,
+            "inferred_value": self.inferred_value,
+            "score": self.score,
+            "model": self.model,
+            "inferred_at": self.inferred_at.isoformat(),
+            "top_k": [[label, score] for label, score in self.top_k],
+        })
+
+
+Message = ImageMessage | ResultMessage
+
+
+def _dump(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """HWC uint8 RGB pixels -> PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def decode_image(
+    data: bytes,
+    *,
+    expected_size: tuple[int, int] | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> np.ndarray:
+    """Encoded image bytes -> HWC uint8 RGB array, or InvalidMessage.
+
+    Only PNG and JPEG are opened, and the pixel count is checked before the pixels are
+    decoded, so a decompression bomb costs a header read, not memory.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=sorted(IMAGE_FORMATS))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidMessage("image_too_large", f"{width}x{height} pixels")
+            if expected_size is not None and (width, height) != expected_size:
+                raise InvalidMessage(
+                    "wrong_image_size",
+                    f"{width}x{height}, expected {expected_size[0]}x{expected_size[1]}",
+                )
+            pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except InvalidMessage:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise InvalidMessage("not_an_image", str(exc)[:200]) from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
+        raise InvalidMessage("corrupt_image", str(exc)[:200]) from None
+    return pixels
+
+
+def decode(
+    value: bytes | None,
+    *,
+    expected_size: tuple[int, int] | None = None,
+    max_image_bytes: int = 1 << 20,
+    check_pixels: bool = True,
+) -> Message:
+    """Kafka record value -> ImageMessage or ResultMessage; InvalidMessage if it is neither.
+
+    With ``check_pixels`` the image is decoded too, so a consumer rejects exactly what the
+    ML server would reject, before it stores or forwards anything.
+    """
+    if value is None:
+        raise InvalidMessage("empty_message", "the record has no value")
+    try:
+        payload = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidMessage("bad_json", str(exc)[:200]) from None
+    if not isinstance(payload, dict):
+        raise InvalidMessage("bad_json", "top level is not an object")
+    if payload.get("schema") != SCHEMA_VERSION:
+        raise InvalidMessage("unsupported_schema", repr(payload.get("schema"))[:50])
+    kind = payload.get("type")
+    if kind == "image":
+        return _decode_image_message(payload, expected_size, max_image_bytes, check_pixels)
+    if kind == "result":
+        return _decode_result_message(payload)
+    raise InvalidMessage("unknown_type", repr(kind)[:50])
+
+
+def _text(payload: dict[str, Any], name: str, *, limit: int = MAX_ID_LENGTH) -> str:
+    value = payload.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidMessage("missing_field", f"{name} must be a non-empty string")
+    if len(value) > limit:
+        raise InvalidMessage("bad_field", f"{name} is longer than {limit} characters")
+    return value
+
+
+def _timestamp(payload: dict[str, Any], name: str) -> datetime:
+    text = _text(payload, name, limit=64)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidMessage("bad_field", f"{name} is not an ISO 8601 timestamp") from None
+    if moment.tzinfo is None:
+        raise InvalidMessage("bad_field", f"{name} has no time zone")
+    return moment
+
+
+def _decode_image_message(
+    payload: dict[str, Any],
+    expected_size: tuple[int, int] | None,
+    max_image_bytes: int,
+    check_pixels: bool,
+) -> ImageMessage:
+    unique_id = _text(payload, "unique_id")
+    device_id = _text(payload, "device_id")
+    ground_truth = _text(payload, "ground_truth")
+    produced_at = _timestamp(payload, "produced_at")
+    encoded = payload.get("image")
+    if not isinstance(encoded, str) or not encoded:
+        raise InvalidMessage("missing_field", "image must be a non-empty base64 string")
+    if len(encoded) > (max_image_bytes * 4) // 3 + 4:
+        raise InvalidMessage("image_too_large", f"more than {max_image_bytes} bytes")
+    try:
+        image_bytes = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidMessage("bad_base64", str(exc)[:200]) from None
+    if check_pixels:
+        decode_image(image_bytes, expected_size=expected_size)
+    return ImageMessage(unique_id, device_id, ground_truth, image_bytes, produced_at)
+
+
+def _decode_result_message(payload: dict[str, Any]) -> ResultMessage:
+    unique_id = _text(payload, "unique_id")
+    inferred_value = _text(payload, "inferred_value")
+    model = _text(payload, "model")
+    inferred_at = _timestamp(payload, "inferred_at")
+    score = payload.get("score")
+    if not isinstance(score, int | float) or isinstance(score, bool):
+        raise InvalidMessage("bad_field", "score must be a number")
+    top_k = payload.get("top_k", [])
+    if not isinstance(top_k, list):
+        raise InvalidMessage("bad_field", "top_k must be a list")
+    try:
+        pairs = tuple((str(label), float(p)) for label, p in top_k)
+    except (TypeError, ValueError):
+        raise InvalidMessage("bad_field", "top_k must hold [label, score] pairs") from None
+    return ResultMessage(unique_id, inferred_value, float(score), model, inferred_at, pairs)

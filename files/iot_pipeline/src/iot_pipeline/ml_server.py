@@ -1,0 +1,249 @@
+"""ML host: the HTTP face of the classifier, a Flask app that gunicorn serves.
+
+    gunicorn 'iot_pipeline.ml_server:create_app()'   # IOT_ML_* and GUNICORN_CMD_ARGS set it up
+
+``POST /predict`` takes ``{"image": "<base64>"}`` or ``{"images": [...]}`` (PNG or JPEG) and an
+optional ``"top_k"``, and answers ``{"model": ..., "predictions": [{"label", "score", "top_k"}]}``.
+``GET /health`` is 200 once the model is loaded (503 before); ``GET /metrics`` is Prometheus text.
+Bad input gets a JSON error: 400 malformed, 413 too large (before the body is read), 422 an
+image that does not decode; the model is loaded in the background so the port opens at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from iot_pipeline import config
+from iot_pipeline.config import Option
+from iot_pipeline.messages import MAX_IMAGE_PIXELS, InvalidMessage, decode_image
+from iot_pipeline.runtime import configure_logging
+
+log = logging.getLogger("iot_pipeline.ml_server")
+
+OPTIONS: tuple[Option, ...] = (
+    Option("weights", "IOT_ML_WEIGHTS",
+           "'imagenet' (Keras download), 'none' (random, for tests) or a weights file path",
+           default="imagenet"),
+    Option("top_k", "IOT_ML_TOP_K", "labels returned per image", config.positive_int,
+           default="5"),
+    Option("max_batch", "IOT_ML_MAX_BATCH", "most images in one request", config.positive_int,
+           default="64"),
+    Option("max_request_bytes", "IOT_ML_MAX_REQUEST_BYTES", "largest request body",
+           config.positive_int, default=str(16 * 1024 * 1024)),
+    Option("tf_threads", "IOT_ML_TF_THREADS", "TensorFlow intra-op threads (0: one per core)",
+           config.non_negative_int, default="0"),
+    Option("input_size", "IOT_ML_INPUT_SIZE", "model input edge in pixels", config.positive_int,
+           default="224"),
+    Option("log_level", "IOT_LOG_LEVEL", "logging level", default="INFO"),
+)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class Settings:
+    weights: str = "imagenet"
+    top_k: int = 5
+    max_batch: int = 64
+    max_request_bytes: int = 16 * 1024 * 1024
+    tf_threads: int = 0
+    input_size: int = 224
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ=None) -> Settings:
+        return cls(**config.load(OPTIONS, [], environ))
+
+
+class Metrics:
+    """Counters of this worker process, in Prometheus text format."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.images = 0
+        self.buckets = [0] * len(LATENCY_BUCKETS)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def observe(self, endpoint: str, status: int, images: int = 0, seconds: float | None = None):
+        with self._lock:
+            key = (endpoint, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            self.images += images
+            if seconds is not None:
+                self.latency_sum += seconds
+                self.latency_count += 1
+                for i, bound in enumerate(LATENCY_BUCKETS):
+                    if seconds <= bound:
+                        self.buckets[i] += 1
+
+    def render(self, model_loaded: bool, model_name: str) -> str:
+        with self._lock:
+            lines = [
+                "# HELP iot_ml_requests_total HTTP requests by endpoint and status.",
+                "# TYPE iot_ml_requests_total counter",
+                *(f'iot_ml_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+                  for (e, s), n in sorted(self.requests.items())),
+                "# HELP iot_ml_images_total Images classified.",
+                "# TYPE iot_ml_images_total counter",
+                f"iot_ml_images_total {self.images}",
+                "# HELP iot_ml_predict_seconds Time to classify one request's images.",
+                "# TYPE iot_ml_predict_seconds histogram",
+                *(f'iot_ml_predict_seconds_bucket{{le="{b}"}} {n}'
+                  for b, n in zip(LATENCY_BUCKETS, self.buckets, strict=True)),
+                f'iot_ml_predict_seconds_bucket{{le="+Inf"}} {self.latency_count}',
+                f"iot_ml_predict_seconds_sum {self.latency_sum:.6f}",
+                f"iot_ml_predict_seconds_count {self.latency_count}",
+                "# HELP iot_ml_model_loaded 1 once the model answers.",
+                "# TYPE iot_ml_model_loaded gauge",
+                f'iot_ml_model_loaded{{model="{model_name}"}} {int(model_loaded)}',
+            ]
+        return "\n".join(lines) + "\n"
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, error: str, detail: str, index: int | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.index = status, error, detail, index
+
+
+def _error(status: int, error: str, detail: str, index: int | None = None) -> tuple[Response, int]:
+    body: dict[str, Any] = {"error": error, "detail": detail}
+    if index is not None:
+        body["index"] = index
+    return jsonify(body), status
+
+
+def _images_from(payload: Any, max_batch: int) -> list[np.ndarray]:
+    if not isinstance(payload, dict):
+        raise BadRequest(400, "bad_request", "body must be a JSON object")
+    if "images" in payload:
+        items = payload["images"]
+        if not isinstance(items, list) or not items:
+            raise BadRequest(400, "bad_request", "images must be a non-empty list")
+    elif "image" in payload:
+        items = [payload["image"]]
+    else:
+        raise BadRequest(400, "bad_request", "send 'image' or 'images' (base64 PNG/JPEG)")
+    if len(items) > max_batch:
+        raise BadRequest(413, "batch_too_large", f"{len(items)} images; at most {max_batch}")
+    pixels = []
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise BadRequest(400, "bad_request", "each image must be a base64 string", index)
+        try:
+            data = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest(400, "bad_base64", "not valid base64", index) from None
+        try:
+            pixels.append(decode_image(data, max_pixels=MAX_IMAGE_PIXELS))
+        except InvalidMessage as exc:
+            raise BadRequest(422, exc.reason, exc.detail, index) from None
+    return pixels
+
+
+def _stack(pixels: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """One (N, H, W, 3) array; images of different sizes are first resized to the model's."""
+    if all(p.shape == pixels[0].shape for p in pixels):
+        return np.stack(pixels)
+    from PIL import Image
+
+    return np.stack([
+        np.asarray(Image.fromarray(p).resize((size, size), Image.Resampling.BILINEAR))
+        for p in pixels
+    ])
+
+
+def create_app(
+    settings: Settings | None = None,
+    classifier_factory: Callable[[Settings], Any] | None = None,
+) -> Flask:
+    """The WSGI app. ``classifier_factory`` builds the model (default: ResNet-50) in a thread."""
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)
+    app = Flask("iot_pipeline.ml_server")
+    # Werkzeug answers 413 from Content-Length alone, before reading the body.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    metrics = Metrics()
+    state: dict[str, Any] = {"classifier": None, "error": None}
+    predict_lock = threading.Lock()
+
+    def build_model() -> None:
+        try:
+            if classifier_factory is not None:
+                state["classifier"] = classifier_factory(settings)
+            else:
+                from iot_pipeline.model import Classifier
+
+                state["classifier"] = Classifier(settings.weights, settings.input_size,
+                                                 settings.tf_threads)
+        except Exception as exc:
+            log.exception("model failed to load")
+            state["error"] = str(exc)
+
+    threading.Thread(target=build_model, name="model-loader", daemon=True).start()
+
+    @app.get("/health")
+    def health():
+        classifier = state["classifier"]
+        if classifier is None:
+            status = "failed" if state["error"] else "loading"
+            return jsonify({"status": status, "error": state["error"]}), 503
+        return jsonify({"status": "ok", "model": classifier.name})
+
+    @app.get("/metrics")
+    def prometheus():
+        classifier = state["classifier"]
+        text = metrics.render(classifier is not None, getattr(classifier, "name", ""))
+        return Response(text, mimetype="text/plain; version=0.0.4")
+
+    @app.post("/predict")
+    def predict():
+        classifier = state["classifier"]
+        if classifier is None:
+            metrics.observe("predict", 503)
+            return _error(503, "model_not_ready", state["error"] or "the model is loading")
+        payload = request.get_json(silent=True)
+        if payload is None:
+            metrics.observe("predict", 400)
+            return _error(400, "bad_json", "the body must be JSON (Content-Type: application/json)")
+        try:
+            pixels = _images_from(payload, settings.max_batch)
+            top_k = payload.get("top_k", settings.top_k)
+            if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 100:
+                raise BadRequest(400, "bad_request", "top_k must be an integer from 1 to 100")
+        except BadRequest as exc:
+            metrics.observe("predict", exc.status)
+            return _error(exc.status, exc.error, exc.detail, exc.index)
+        started = time.perf_counter()
+        with predict_lock:  # one batch at a time: TF already uses every core it is given
+            predictions = classifier.classify(_stack(pixels, settings.input_size), top_k)
+        elapsed = time.perf_counter() - started
+        metrics.observe("predict", 200, images=len(pixels), seconds=elapsed)
+        return jsonify({
+            "model": classifier.name,
+            "predictions": [
+                {"label": p.label, "score": p.score,
+                 "top_k": [{"label": label, "score": score} for label, score in p.top_k]}
+                for p in predictions
+            ],
+        })
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        metrics.observe(request.endpoint or "unknown", exc.code or 500)
+        return _error(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or "")
+
+    return app

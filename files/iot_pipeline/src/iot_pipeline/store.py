@@ -1,0 +1,176 @@
+"""PostgreSQL side of the pipeline: the ``iot_image_data`` schema and its batched UPSERTs.
+
+An image and its result may arrive in either order; both are UPSERTs on ``unique_id`` that
+touch only their own columns, so either order ends in one complete row, and a redelivered
+message rewrites the same values (idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import psycopg2
+import psycopg2.errors
+from psycopg2.extensions import connection
+from psycopg2.extras import execute_values
+
+from iot_pipeline.messages import ImageMessage, ResultMessage
+
+log = logging.getLogger(__name__)
+
+TABLE = "iot_image_data"
+
+# Append-only: each entry migrates the schema from version i to i+1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS iot_image_data (
+        id               serial PRIMARY KEY,
+        unique_id        text NOT NULL UNIQUE,
+        device_id        text,
+        ground_truth     text,
+        data             bytea,
+        inferred_value   text,
+        inference_score  real,
+        model_name       text,
+        produced_at      timestamptz,
+        inferred_at      timestamptz,
+        image_stored_at  timestamptz,
+        result_stored_at timestamptz
+    );
+    CREATE INDEX IF NOT EXISTS iot_image_data_pending_idx
+        ON iot_image_data (id) WHERE inferred_value IS NULL;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+REQUIRED_COLUMNS = frozenset({
+    "id", "unique_id", "device_id", "ground_truth", "data", "inferred_value", "inference_score",
+    "model_name", "produced_at", "inferred_at", "image_stored_at", "result_stored_at",
+})
+
+UPSERT_IMAGES = """
+INSERT INTO iot_image_data AS t
+    (unique_id, device_id, ground_truth, data, produced_at, image_stored_at)
+VALUES %s
+ON CONFLICT (unique_id) DO UPDATE SET
+    device_id = EXCLUDED.device_id,
+    ground_truth = EXCLUDED.ground_truth,
+    data = EXCLUDED.data,
+    produced_at = EXCLUDED.produced_at,
+    image_stored_at = COALESCE(t.image_stored_at, EXCLUDED.image_stored_at)
+"""
+UPSERT_IMAGES_TEMPLATE = "(%s, %s, %s, %s, %s, clock_timestamp())"
+
+UPSERT_RESULTS = """
+INSERT INTO iot_image_data AS t
+    (unique_id, inferred_value, inference_score, model_name, inferred_at, result_stored_at)
+VALUES %s
+ON CONFLICT (unique_id) DO UPDATE SET
+    inferred_value = EXCLUDED.inferred_value,
+    inference_score = EXCLUDED.inference_score,
+    model_name = EXCLUDED.model_name,
+    inferred_at = EXCLUDED.inferred_at,
+    result_stored_at = COALESCE(t.result_stored_at, EXCLUDED.result_stored_at)
+"""
+UPSERT_RESULTS_TEMPLATE = "(%s, %s, %s, %s, %s, clock_timestamp())"
+
+
+class StoreUnavailable(RuntimeError):
+    """PostgreSQL cannot be reached or lost the connection: retry later, lose nothing."""
+
+
+class SchemaError(RuntimeError):
+    """The table is missing or out of date and this role may not migrate it."""
+
+
+@dataclass(frozen=True)
+class WriteSummary:
+    images: int
+    results: int
+
+
+def connect(dsn: str = "") -> connection:
+    """Connect with ``dsn``; an empty DSN means libpq's PGHOST/PGUSER/PGPASSWORD/... variables."""
+    try:
+        conn = psycopg2.connect(dsn, application_name="iot-db-consumer", connect_timeout=10)
+    except psycopg2.OperationalError as exc:
+        raise StoreUnavailable(str(exc).strip()) from exc
+    conn.autocommit = False
+    return conn
+
+
+def migrate(conn: connection) -> int:
+    """Bring the schema to :data:`SCHEMA_VERSION`; return how many migrations ran (0 if none).
+
+    Runs under an advisory lock so that two consumers starting together do not race.
+    """
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (TABLE,))
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS iot_schema_version ("
+            " version integer NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cur.execute("SELECT coalesce(max(version), 0) FROM iot_schema_version")
+        current = cur.fetchone()[0]
+        for version in range(current, SCHEMA_VERSION):
+            log.info("migrating schema to version %d", version + 1)
+            cur.execute(MIGRATIONS[version])
+            cur.execute("INSERT INTO iot_schema_version (version) VALUES (%s)", (version + 1,))
+    return SCHEMA_VERSION - current
+
+
+def check_schema(conn: connection) -> None:
+    """Raise SchemaError unless the table has every column this code writes."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = %s",
+            (TABLE,),
+        )
+        present = {row[0] for row in cur.fetchall()}
+    missing = REQUIRED_COLUMNS - present
+    if missing:
+        raise SchemaError(
+            f"table {TABLE} lacks {', '.join(sorted(missing))}: "
+            "run `db-consumer --migrate-only` as the database owner"
+        )
+
+
+def ensure_schema(conn: connection) -> None:
+    """Migrate when allowed to; otherwise accept a schema the owner already migrated."""
+    try:
+        migrate(conn)
+    except psycopg2.errors.InsufficientPrivilege:
+        conn.rollback()
+        check_schema(conn)
+        log.info("schema present; this role may not migrate it, and need not")
+
+
+def _latest(messages: Iterable[ImageMessage | ResultMessage]) -> list:
+    """One message per unique_id (the last): one statement may not update a row twice."""
+    return list({message.unique_id: message for message in messages}.values())
+
+
+def write_batch(
+    conn: connection,
+    images: Sequence[ImageMessage],
+    results: Sequence[ResultMessage],
+) -> WriteSummary:
+    """UPSERT a batch in one transaction; StoreUnavailable if PostgreSQL went away."""
+    images = _latest(images)
+    results = _latest(results)
+    try:
+        with conn, conn.cursor() as cur:
+            if images:
+                execute_values(cur, UPSERT_IMAGES, [
+                    (m.unique_id, m.device_id, m.ground_truth, psycopg2.Binary(m.image_png),
+                     m.produced_at) for m in images
+                ], template=UPSERT_IMAGES_TEMPLATE, page_size=1000)
+            if results:
+                execute_values(cur, UPSERT_RESULTS, [
+                    (m.unique_id, m.inferred_value, m.score, m.model, m.inferred_at)
+                    for m in results
+                ], template=UPSERT_RESULTS_TEMPLATE, page_size=1000)
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        raise StoreUnavailable(str(exc).strip()) from exc
+    return WriteSummary(len(images), len(results))
