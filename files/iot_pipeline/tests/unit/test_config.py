@@ -39,7 +39,7 @@ def test_bad_values_fail_fast_naming_the_variable(env, match):
 
 
 def test_migrate_only_does_not_need_kafka():
-    settings, migrate_only = db_consumer.load_settings(["--migrate-only"], {})
+    _settings, migrate_only = db_consumer.load_settings(["--migrate-only"], {})
     assert migrate_only
 
 

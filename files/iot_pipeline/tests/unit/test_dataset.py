@@ -1,6 +1,6 @@
 import io
-import os
 import json
+import os
 import pickle
 import tarfile
 from pathlib import Path
