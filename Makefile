@@ -1,0 +1,81 @@
+# Entry points. Each target is a thin wrapper over scripts/ and playbooks/; `make help` lists them.
+# Two commands do everything on a fresh Debian 12 machine: `make up` and `make test`.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+KAFKA_VERSION ?= 4.1.1
+# Images `make up` sends through the pipeline, and `make simulate` sends on demand.
+IMAGES ?= 200
+N ?= 100
+# Molecule scenario for `make molecule`.
+SCENARIO ?= default
+
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export ANSIBLE_VAULT_PASSWORD_FILE := $(CURDIR)/.vault-password
+export ANSIBLE_FORCE_COLOR ?= 1
+PLAYBOOK := ansible-playbook
+
+.PHONY: help
+help: ## list the entry points
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+# --- set-up (each step is idempotent and fast when already done) ------------------------------
+.PHONY: deps host-packages venv docker image kafka-archive vault
+deps: host-packages venv docker image kafka-archive vault ## install everything the other targets need
+
+host-packages: ## Debian packages on the controller (java, maven, postgresql, debootstrap)
+	scripts/install-host-packages.sh
+
+venv: ## .venv with pinned ansible, molecule, testinfra, linters and the package
+	scripts/bootstrap-venv.sh
+
+docker: ## install and start the Docker engine
+	scripts/install-docker.sh
+
+image: docker ## build the Debian 12 systemd base image (debootstrap + docker import)
+	scripts/build-base-image.sh
+
+kafka-archive: ## build the offline Kafka archive from Maven Central into .cache/kafka
+	scripts/build-kafka-archive.sh $(KAFKA_VERSION)
+
+vault: venv ## create the local inventory's vault (random passwords) if missing
+	scripts/local-vault.sh
+
+# --- the local deployment ---------------------------------------------------------------------
+.PHONY: up hosts deploy status simulate down
+up: deps hosts deploy ## bring up the 4 local hosts, deploy site.yml, send IMAGES images, print status
+	$(PLAYBOOK) playbooks/status.yml -e expect_rows=$(IMAGES)
+
+hosts: ## create the four local systemd containers
+	$(PLAYBOOK) playbooks/local-hosts.yml
+
+deploy: ## run playbooks/site.yml against the inventory
+	$(PLAYBOOK) playbooks/site.yml -e iot_simulator_count=$(IMAGES)
+
+status: ## services, consumer lag and row counts
+	$(PLAYBOOK) playbooks/status.yml
+
+simulate: ## send N more images (make simulate N=500)
+	$(PLAYBOOK) playbooks/simulate.yml -e images=$(N)
+
+down: ## remove the local containers and their network
+	$(PLAYBOOK) playbooks/local-hosts.yml -e local_hosts_state=absent
+
+# --- tests ------------------------------------------------------------------------------------
+.PHONY: test lint test-python molecule
+test: deps lint test-python molecule ## lint + Python tests + molecule default scenario
+
+lint: venv ## ruff, yamllint, ansible-lint (production profile)
+	ruff check files/iot_pipeline
+	yamllint -s .
+	ansible-lint
+
+test-python: host-packages venv kafka-archive ## unit, integration and end-to-end tests of the services
+	cd files/iot_pipeline && python -m pytest -p no:cacheprovider
+
+molecule: deps ## molecule test -s $(SCENARIO)
+	molecule test -s $(SCENARIO)

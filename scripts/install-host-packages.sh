@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install, on the controller, the Debian packages the Makefile's targets need and a fresh
+# Debian 12 machine may lack: Java + Maven (build the offline Kafka archive, run the test
+# broker), PostgreSQL's server binaries (the Python integration tests start their own cluster),
+# debootstrap (base image) and python3-venv. Docker is scripts/install-docker.sh's job.
+# Idempotent: apt runs only when something is missing, and `apt-get update` at most once.
+set -euo pipefail
+
+log() { printf '[install-host-packages] %s\n' "$*" >&2; }
+
+missing=()
+need() {  # need COMMAND-OR-PATH PACKAGE
+    if [[ $1 == /* ]]; then compgen -G "$1" >/dev/null && return 0
+    else command -v "$1" >/dev/null && return 0
+    fi
+    missing+=("$2")
+}
+need java openjdk-17-jre-headless
+need mvn maven
+need '/usr/lib/postgresql/*/bin/pg_ctl' postgresql
+need debootstrap debootstrap
+need unzip unzip
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+
+if ((${#missing[@]} == 0)); then
+    log "host packages present"
+    exit 0
+fi
+command -v apt-get >/dev/null || { log "ERROR: install ${missing[*]} (no apt-get here)"; exit 1; }
+sudo=()
+[[ $(id -u) -eq 0 ]] || sudo=(sudo)
+export DEBIAN_FRONTEND=noninteractive
+log "installing ${missing[*]}"
+"${sudo[@]}" apt-get update -q
+"${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+# Debian's postgresql package starts a cluster on 5432; the tests start their own, so the
+# packaged one is left as Debian configures it.
