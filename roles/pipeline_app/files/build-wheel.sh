@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Build the package's wheel on the controller: build-wheel.sh PYTHON SRC_DIR WHEEL_DIR
+# Prints the wheel's file name on the last line.
+#
+# Builds from a scratch copy of SRC_DIR so setuptools' build/ and *.egg-info never land in the
+# source tree (and stale files in an old build/ never land in the wheel). SOURCE_DATE_EPOCH makes
+# the zip timestamps fixed: the same source gives the same bytes, so the copy to the hosts stays
+# unchanged (and the package is not reinstalled) until the code really changes.
+set -euo pipefail
+python=$1 src=$2 out=$3
+
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/pipeline-app-wheel.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
+mkdir -p "$scratch/src" "$scratch/out" "$out"
+tar -C "$src" --exclude=build --exclude=dist --exclude='*.egg-info' --exclude=__pycache__ \
+    --exclude=.pytest_cache --exclude=.ruff_cache -cf - . | tar -C "$scratch/src" -xf -
+
+SOURCE_DATE_EPOCH=315532800 "$python" -m pip wheel --no-deps --disable-pip-version-check --quiet \
+    --wheel-dir "$scratch/out" "$scratch/src" >&2
+
+wheel=$(cd "$scratch/out" && ls -- *.whl)
+[[ $(wc -l <<<"$wheel") -eq 1 ]] || { echo "expected one wheel, got: $wheel" >&2; exit 1; }
+cp -- "$scratch/out/$wheel" "$out/$wheel"
+echo "$wheel"
