@@ -22,6 +22,10 @@ ANSIBLE_VAULT="$(command -v ansible-vault || true)"
 # Letters and digits only: safe in systemd EnvironmentFile values and libpq connection strings.
 random_secret() { python3 -c 'import secrets; print(secrets.token_hex(24))'; }
 
+# The Makefile exports ANSIBLE_VAULT_PASSWORD_FILE; naming the file twice makes ansible-vault
+# see two default vault ids and refuse to encrypt, so this script names it once, explicitly.
+unset ANSIBLE_VAULT_PASSWORD_FILE
+
 mkdir -p "$(dirname "$VAULT_FILE")"
 umask 077
 if [[ -s "$PASSWORD_FILE" ]]; then
