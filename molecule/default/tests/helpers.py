@@ -1,0 +1,42 @@
+"""Shared by the default scenario's testinfra modules: the roles' names and small readers."""
+
+APP_USER = "iot"
+ENV_DIR = "/etc/iot-pipeline"
+KAFKA_BIN = "/opt/kafka/current/bin"
+KAFKA_BOOTSTRAP = "127.0.0.1:9092"
+# Keep the CLI tools' logs out of the read-only install dir and their heap small, as the role does.
+KAFKA_ENV = "LOG_DIR=/tmp KAFKA_HEAP_OPTS=-Xmx128m"
+TOPICS = {"images": "iot-images", "results": "iot-results", "dlq": "iot-dead-letter"}
+DB_NAME = "iot"
+TABLE = "iot_image_data"
+
+
+def unit_state(host, unit):
+    """Properties of a unit from systemctl show (ActiveState, SubState, User, MainPID, ...)."""
+    out = host.check_output(
+        "systemctl show -p ActiveState -p SubState -p Result -p User -p MainPID "
+        "-p ExecMainStatus -p UnitFileState %s",
+        unit,
+    )
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def kafka_cli(host, tool, args):
+    return host.run(f"{KAFKA_ENV} {KAFKA_BIN}/{tool} --bootstrap-server {KAFKA_BOOTSTRAP} {args}")
+
+
+def psql_postgres(host, sql):
+    """Runs SQL as the superuser over the local socket (-A -t: bare values)."""
+    return host.run(
+        "runuser -u postgres -- psql -X -A -t -q -v ON_ERROR_STOP=1 -d %s -c %s", DB_NAME, sql
+    )
+
+
+def psql_app(host, sql):
+    """Runs SQL as the application role, over TCP, with the db consumer's own environment file."""
+    return host.run(
+        "sh -c %s psql-as-app %s",
+        f"set -a; . {ENV_DIR}/iot-db-consumer.env; "
+        'exec psql -X -A -t -q -v ON_ERROR_STOP=1 -c "$1"',
+        sql,
+    )
