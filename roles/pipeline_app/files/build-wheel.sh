@@ -20,5 +20,7 @@ SOURCE_DATE_EPOCH=315532800 "$python" -m pip wheel --no-deps --disable-pip-versi
 
 wheel=$(cd "$scratch/out" && ls -- *.whl)
 [[ $(wc -l <<<"$wheel") -eq 1 ]] || { echo "expected one wheel, got: $wheel" >&2; exit 1; }
-cp -- "$scratch/out/$wheel" "$out/$wheel"
+# Copy under a temporary name, then rename: a concurrent run never reads a half-written wheel.
+cp -- "$scratch/out/$wheel" "$out/.$wheel.$$"
+mv -f -- "$out/.$wheel.$$" "$out/$wheel"
 echo "$wheel"
