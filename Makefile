@@ -10,6 +10,8 @@ KAFKA_VERSION ?= 4.1.1
 # Images `make up` sends through the pipeline, and `make simulate` sends on demand.
 IMAGES ?= 200
 N ?= 100
+# Extra flags of bench/run.py for `make bench` (e.g. BENCH_ARGS=--skip-seed).
+BENCH_ARGS ?=
 # Molecule scenario for `make molecule`.
 SCENARIO ?= default
 
@@ -65,8 +67,13 @@ simulate: ## send N more images (make simulate N=500)
 down: ## remove the local containers and their network
 	$(PLAYBOOK) playbooks/local-hosts.yml -e local_hosts_state=absent
 
+# --- benchmark --------------------------------------------------------------------------------
+.PHONY: bench
+bench: deps ## measure host limit, model alone, pipeline, seed-style; JSON + plots in bench/results
+	python bench/run.py $(BENCH_ARGS)
+
 # --- tests ------------------------------------------------------------------------------------
-.PHONY: test lint test-python molecule
+.PHONY: test lint test-python molecule test-all
 test: deps lint test-python molecule ## lint + Python tests + molecule default scenario
 
 lint: venv ## ruff, yamllint, ansible-lint (production profile)
@@ -79,3 +86,12 @@ test-python: host-packages venv kafka-archive ## unit, integration and end-to-en
 
 molecule: deps ## molecule test -s $(SCENARIO)
 	molecule test -s $(SCENARIO)
+
+# Longer than CI's 90-minute budget on 2 cores allows, so CI runs `make test` only.
+test-all: test ## make test + every role scenario (kafka, postgresql, pipeline_app, zookeeper, cluster)
+	scripts/build-kafka-archive.sh 3.9.1
+	molecule test -s kafka
+	molecule test -s postgresql
+	molecule test -s pipeline_app
+	molecule test -s zookeeper
+	molecule test -s cluster

@@ -3,6 +3,8 @@ request, and publishes one result message per image.
 
 Offsets are committed only after Kafka acknowledged every result and dead letter of the batch
 (at-least-once). While the ML server is down the batch is retried with backoff, never dropped.
+The next batch is polled and sent while the ML server still works on the previous one, so the
+model does not wait for Kafka round trips; offsets are still committed batch by batch, in order.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError
+from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from iot_pipeline import config, kafka_io, messages
 from iot_pipeline.config import ConfigError, KafkaSettings, Option
@@ -133,15 +137,59 @@ class InferenceConsumer:
         self.classified = 0
 
     def run(self) -> None:
-        while not self.stop.is_set():
-            batch = kafka_io.poll_batch(self.consumer, self.settings.batch_size,
-                                        self.settings.batch_timeout_s)
-            if batch:
-                self.process(batch)
+        pending: tuple | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ml-call") as calls:
+            while not self.stop.is_set():
+                # With a batch at the ML server, take only what Kafka already has: waiting
+                # here would delay that batch's results.
+                batch = kafka_io.poll_batch(self.consumer, self.settings.batch_size,
+                                            self.settings.batch_timeout_s,
+                                            idle_timeout_s=0.0 if pending else 1.0)
+                submitted = self._submit(calls, batch) if batch else None
+                if pending is not None and not self._finish(*pending):
+                    # Stopping with the ML server down: later batches must not be committed
+                    # past this one; Kafka replays both.
+                    pending = None
+                    break
+                pending = submitted
+            if pending is not None:
+                self._finish(*pending)
         log.info("stopped: %d images classified, %d dead letters",
                  self.classified, self.dead_letters.count)
 
+    def _submit(self, calls: ThreadPoolExecutor, batch: Sequence[ConsumerRecord]) -> tuple:
+        images = self._decode(batch)
+        future = calls.submit(self._classify_with_retry, [m for _, m in images]) \
+            if images else None
+        return batch, images, future
+
+    def _finish(self, batch: Sequence[ConsumerRecord], images, future: Future | None) -> bool:
+        """Publish one batch's results, then commit exactly its offsets; False when stopping
+        before it could be classified."""
+        try:
+            results = [] if future is None else future.result()
+        except MlRejected:
+            results = self._classify(images)  # one by one, to find the refused image
+        if results is None:
+            return False
+        self._publish(results)
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for record in batch:
+            tp = TopicPartition(record.topic, record.partition)
+            if tp not in offsets or offsets[tp].offset <= record.offset:
+                offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
+        self._commit(offsets)
+        return True
+
     def process(self, batch: Sequence[ConsumerRecord]) -> None:
+        """Classify, publish and commit one batch, without overlap."""
+        results = self._classify(self._decode(batch))
+        if results is None:
+            return  # stopping while the ML server is down: the batch is replayed later
+        self._publish(results)
+        self._commit(None)
+
+    def _decode(self, batch: Sequence[ConsumerRecord]):
         images: list[tuple[ConsumerRecord, messages.ImageMessage]] = []
         for record in batch:
             try:
@@ -154,9 +202,9 @@ class InferenceConsumer:
             if isinstance(message, messages.ImageMessage):
                 images.append((record, message))
             # Result messages appear here only in the single-topic design: not ours to process.
-        results = self._classify(images)
-        if results is None:
-            return  # stopping while the ML server is down: the batch is replayed later
+        return images
+
+    def _publish(self, results: list[messages.ResultMessage]) -> None:
         futures = [
             self.producer.send(self.settings.kafka.results_topic,
                                key=result.unique_id.encode(), value=result.to_bytes())
@@ -164,12 +212,14 @@ class InferenceConsumer:
         ]
         kafka_io.confirm_all(self.producer, futures, timeout_s=120)
         self.dead_letters.confirm()
+        self.classified += len(results)
+
+    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata] | None) -> None:
         try:
-            self.consumer.commit()
+            self.consumer.commit(offsets)
         except CommitFailedError as exc:
             log.warning("offset commit failed after a rebalance (batch will be replayed): %s",
                         exc)
-        self.classified += len(results)
 
     def _classify(self, images) -> list[messages.ResultMessage] | None:
         if not images:

@@ -77,23 +77,31 @@ def poll_batch(
     max_records: int,
     linger_s: float,
     idle_timeout_s: float = 1.0,
+    gap_s: float = 0.005,
 ) -> list[ConsumerRecord]:
     """Wait up to ``idle_timeout_s`` for a first record, then up to ``linger_s`` more to fill
-    the batch to ``max_records``; records keep their partition order."""
+    the batch to ``max_records``; records keep their partition order.
+
+    The linger ends early once no record arrived for ``gap_s``: the topic is drained, and
+    waiting longer would only add latency (under load records keep coming and batches fill).
+    """
     batch: list[ConsumerRecord] = []
     deadline: float | None = None
     timeout_s = idle_timeout_s
     while len(batch) < max_records:
         polled = kafka_consumer.poll(timeout_ms=int(timeout_s * 1000),
                                      max_records=max_records - len(batch))
+        got = sum(len(records) for records in polled.values())
         for records in polled.values():
             batch.extend(records)
         now = time.monotonic()
         if batch and deadline is None:
             deadline = now + linger_s
+        elif deadline is not None and got == 0:
+            break  # a gap of gap_s with nothing new: send what we have
         if deadline is None:
             break  # idle: nothing arrived within idle_timeout_s
-        timeout_s = deadline - now
+        timeout_s = min(deadline - now, gap_s)
         if timeout_s <= 0:
             break
     return batch
