@@ -48,7 +48,7 @@ vault: venv ## create the local inventory's vault (random passwords) if missing
 	scripts/local-vault.sh
 
 # --- the local deployment ---------------------------------------------------------------------
-.PHONY: up hosts deploy status simulate down
+.PHONY: up hosts deploy status simulate accuracy down
 up: deps hosts deploy ## bring up the 4 local hosts, deploy site.yml, send IMAGES images, print status
 	$(PLAYBOOK) playbooks/status.yml -e expect_rows=$(IMAGES)
 
@@ -58,11 +58,14 @@ hosts: ## create the four local systemd containers
 deploy: ## run playbooks/site.yml against the inventory
 	$(PLAYBOOK) playbooks/site.yml -e iot_simulator_count=$(IMAGES)
 
-status: ## services, consumer lag and row counts
+status: ## services, consumer lag, row counts and per-model accuracy
 	$(PLAYBOOK) playbooks/status.yml
 
 simulate: ## send N more images (make simulate N=500)
 	$(PLAYBOOK) playbooks/simulate.yml -e images=$(N)
+
+accuracy: ## per-model accuracy report and plot (bench/results/accuracy.png)
+	$(PLAYBOOK) playbooks/accuracy.yml
 
 down: ## remove the local containers and their network
 	$(PLAYBOOK) playbooks/local-hosts.yml -e local_hosts_state=absent
