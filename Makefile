@@ -12,6 +12,8 @@ IMAGES ?= 200
 N ?= 100
 # Extra flags of bench/run.py for `make bench` (e.g. BENCH_ARGS=--skip-seed).
 BENCH_ARGS ?=
+# Extra flags of bench/chaos.py for `make chaos` (e.g. CHAOS_ARGS="-n 5000 --scenarios poison").
+CHAOS_ARGS ?=
 # Molecule scenario for `make molecule`.
 SCENARIO ?= default
 
@@ -71,9 +73,12 @@ down: ## remove the local containers and their network
 	$(PLAYBOOK) playbooks/local-hosts.yml -e local_hosts_state=absent
 
 # --- benchmark --------------------------------------------------------------------------------
-.PHONY: bench
+.PHONY: bench chaos
 bench: deps ## measure host limit, model alone, pipeline, seed-style; JSON + plots in bench/results
 	python bench/run.py $(BENCH_ARGS)
+
+chaos: deps ## fault-injection runs with figures (local deployment)
+	python bench/chaos.py $(CHAOS_ARGS)
 
 # --- tests ------------------------------------------------------------------------------------
 .PHONY: test lint test-python molecule test-all
