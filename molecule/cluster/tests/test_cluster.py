@@ -1,4 +1,5 @@
-"""Testinfra checks for the cluster scenario: three KRaft brokers, one quorum, replicated topics."""
+"""The kafka hosts of the cluster scenario: three KRaft brokers, one quorum, replicated topics
+(the pipeline's data checks are in test_end_to_end.py and test_faults.py)."""
 
 import re
 import uuid
@@ -10,6 +11,8 @@ testinfra_hosts = ["ansible://kafka"]
 BIN = "/opt/kafka/current/bin"
 BOOTSTRAP = "127.0.0.1:9092"
 TOPICS = ["iot-images", "iot-results", "iot-dead-letter"]
+# Round trips go here: a stray record on a pipeline topic would land in the dead-letter topic.
+PROBE_TOPIC = "molecule-probe"
 BROKERS = ["molecule-cl-1", "molecule-cl-2", "molecule-cl-3"]
 # Keep the CLI tools' logs out of the read-only install dir, as the role does.
 ENV = "LOG_DIR=/var/log/kafka KAFKA_HEAP_OPTS=-Xmx256m"
@@ -71,15 +74,16 @@ def test_no_under_replicated_partitions(host):
 def test_produce_here_consume_from_the_next_broker(host):
     """acks=all needs min.insync.replicas=2 in-sync copies; another broker then serves the record."""
     here = host.backend.get_hostname()
+    kafka_cli(host, "kafka-topics.sh", f"--create --if-not-exists --topic {PROBE_TOPIC} --partitions 1")
     marker = f"molecule-{here}-{uuid.uuid4()}"
     produced = host.run(
         f"echo {marker} | {ENV} {BIN}/kafka-console-producer.sh --bootstrap-server {BOOTSTRAP} "
-        "--topic iot-results --producer-property acks=all --producer-property enable.idempotence=true"
+        f"--topic {PROBE_TOPIC} --producer-property acks=all --producer-property enable.idempotence=true"
     )
     assert produced.rc == 0, produced.stderr
     other = BROKERS[(BROKERS.index(here) + 1) % len(BROKERS)]
     consumed = host.run(
         f"{ENV} {BIN}/kafka-console-consumer.sh --bootstrap-server {other}:9092 "
-        "--topic iot-results --from-beginning --max-messages 1000 --timeout-ms 10000"
+        f"--topic {PROBE_TOPIC} --from-beginning --max-messages 1000 --timeout-ms 10000"
     )
     assert marker in consumed.stdout.split(), (other, consumed.stderr)

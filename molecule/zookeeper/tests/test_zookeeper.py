@@ -1,4 +1,5 @@
-"""Testinfra checks for the zookeeper scenario: ZooKeeper and a ZooKeeper-mode Kafka 3.9.1 broker on one host."""
+"""The kafka host of the zookeeper scenario: a standalone ZooKeeper and a ZooKeeper-mode Kafka
+3.9.1 broker beside it (the pipeline's data checks are in test_end_to_end.py)."""
 
 import re
 import uuid
@@ -10,6 +11,7 @@ testinfra_hosts = ["ansible://kafka"]
 BIN = "/opt/kafka/current/bin"
 BOOTSTRAP = "127.0.0.1:9092"
 TOPICS = ["iot-images", "iot-results", "iot-dead-letter"]
+PROBE_TOPIC = "molecule-probe"
 # Keep the CLI tools' logs out of the read-only install dir, as the role does.
 ENV = "LOG_DIR=/var/log/kafka KAFKA_HEAP_OPTS=-Xmx256m"
 
@@ -41,7 +43,7 @@ def test_zookeeper_serves_standalone(host):
 def test_broker_in_zookeeper_mode(host):
     assert host.file("/opt/kafka/current").linked_to == "/opt/kafka/kafka_2.13-3.9.1"
     properties = host.file("/etc/kafka/server.properties").content_string
-    assert "zookeeper.connect=molecule-zk-1:2181" in properties
+    assert "zookeeper.connect=molecule-zk-kafka:2181" in properties
     assert "broker.id=1" in properties
     assert "process.roles" not in properties
     # Written by the broker itself (no KRaft format): a ZooKeeper-mode meta.properties has a broker.id.
@@ -62,15 +64,18 @@ def test_topic_has_three_partitions(host, topic):
 
 
 def test_produce_consume_round_trip(host):
+    """On a topic of its own: a stray record on a pipeline topic would land in the dead-letter topic."""
+    created = kafka_cli(host, "kafka-topics.sh", f"--create --if-not-exists --topic {PROBE_TOPIC} --partitions 1")
+    assert created.rc == 0, created.stderr
     marker = f"molecule-zk-{uuid.uuid4()}"
     produced = host.run(
         f"echo {marker} | {ENV} {BIN}/kafka-console-producer.sh "
-        f"--bootstrap-server {BOOTSTRAP} --topic iot-images --producer-property acks=all"
+        f"--bootstrap-server {BOOTSTRAP} --topic {PROBE_TOPIC} --producer-property acks=all"
     )
     assert produced.rc == 0, produced.stderr
     consumed = kafka_cli(
         host,
         "kafka-console-consumer.sh",
-        "--topic iot-images --from-beginning --max-messages 1000 --timeout-ms 20000",
+        f"--topic {PROBE_TOPIC} --from-beginning --max-messages 1000 --timeout-ms 20000",
     )
     assert marker in consumed.stdout.split()
