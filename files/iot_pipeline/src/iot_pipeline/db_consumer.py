@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError
 
 from iot_pipeline import config, kafka_io, messages, store
 from iot_pipeline.config import ConfigError, KafkaSettings, Option
@@ -132,11 +131,7 @@ class DbConsumer:
         if summary is None:
             return  # stopping while PostgreSQL is down: nothing committed, Kafka replays it
         self.dead_letters.confirm()
-        try:
-            self.consumer.commit()
-        except CommitFailedError as exc:
-            # The group rebalanced; the new owner replays this batch and the UPSERTs absorb it.
-            log.warning("offset commit failed after a rebalance: %s", exc)
+        kafka_io.commit(self.consumer)
         self.stored_images += summary.images
         self.stored_results += summary.results
         log.debug("stored %d images, %d results (%s .. %s)", summary.images, summary.results,

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from iot_pipeline import config, kafka_io, messages
@@ -215,11 +214,7 @@ class InferenceConsumer:
         self.classified += len(results)
 
     def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata] | None) -> None:
-        try:
-            self.consumer.commit(offsets)
-        except CommitFailedError as exc:
-            log.warning("offset commit failed after a rebalance (batch will be replayed): %s",
-                        exc)
+        kafka_io.commit(self.consumer, offsets)
 
     def _classify(self, images) -> list[messages.ResultMessage] | None:
         if not images:

@@ -67,6 +67,23 @@ def consumer(
     return kafka_consumer
 
 
+def commit(kafka_consumer: KafkaConsumer, offsets: dict | None = None) -> bool:
+    """Commit offsets (all consumed ones by default); False, logged, if Kafka refused.
+
+    A failed commit is not an error worth dying for: the next batch's commit covers these
+    offsets, and if the process dies first Kafka replays the batch, which the UPSERTs and the
+    idempotent results absorb. It happens on a rebalance (CommitFailedError) and while a broker
+    restarts or the group coordinator moves (connection errors).
+    """
+    try:
+        kafka_consumer.commit(offsets)
+    except KafkaError as exc:
+        log.warning("offset commit failed (%s): the next commit covers it, or Kafka replays "
+                    "the batch", exc)
+        return False
+    return True
+
+
 def where(record: ConsumerRecord) -> str:
     """``topic[partition]@offset``, the way every log line names a record."""
     return f"{record.topic}[{record.partition}]@{record.offset}"
