@@ -67,10 +67,10 @@ if since is not None:
 print(json.dumps(out))
 """
 
-# 1 % poison: every kind the consumers must dead-letter. The consumers accept base64 up to
-# IOT_MAX_IMAGE_BYTES (1 MiB, the default, not overridden by the roles) = 1.4 MB of text, more
-# than the broker's message.max.bytes (~1 MiB): an "image_too_large" record cannot be produced,
-# so the big case is 900 kB of valid base64 of random bytes (not an image).
+# 1 % poison: every kind the consumers must dead-letter. The roles set IOT_MAX_IMAGE_BYTES to
+# 512 KiB (pipeline_max_image_bytes), below the broker's message.max.bytes (~1 MiB), so the
+# oversized case (700 kB of random bytes, 933 kB of base64) reaches the consumers and is refused
+# there as image_too_large before it is decoded.
 POISON_SNIPPET = """
 import base64, io, json, os, sys, time, uuid
 from datetime import datetime, timezone
@@ -94,7 +94,7 @@ kinds = {
     "bad_base64": lambda: msg(image="not*base64!!"),
     "truncated_png": lambda: msg(image=base64.b64encode(good[: len(good) // 2]).decode()),
     "wrong_size": lambda: msg(image=base64.b64encode(png((64, 48))).decode()),
-    "big_garbage_900kB": lambda: msg(image=base64.b64encode(os.urandom(675_000)).decode()),
+    "oversized_700kB": lambda: msg(image=base64.b64encode(os.urandom(700_000)).decode()),
     "missing_field": lambda: msg(ground_truth=None),
 }
 names = sorted(kinds)

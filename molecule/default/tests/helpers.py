@@ -40,3 +40,25 @@ def psql_app(host, sql):
         'exec psql -X -A -t -q -v ON_ERROR_STOP=1 -c "$1"',
         sql,
     )
+
+
+def psql_app_to(host, database, sql):
+    """Like psql_app, but asks for another database than the env file's PGDATABASE."""
+    return host.run(
+        "sh -c %s psql-as-app %s %s",
+        f"set -a; . {ENV_DIR}/iot-db-consumer.env; "
+        'exec psql -X -A -t -q -v ON_ERROR_STOP=1 -d "$1" -c "$2"',
+        database,
+        sql,
+    )
+
+
+# The goal for every unit this repo writes (systemd-analyze rates 0 = locked down .. 10 = exposed).
+MAX_EXPOSURE = 5.0
+
+
+def exposure(host, unit):
+    """The overall exposure level systemd-analyze security gives the unit."""
+    last = host.check_output("systemd-analyze security --no-pager %s", unit).splitlines()[-1]
+    # "→ Overall exposure level for iot-db-consumer.service: 1.2 OK :-)"
+    return float(last.split(":")[1].split()[0])

@@ -1,7 +1,17 @@
 """The database host: PostgreSQL, the database writer, the table and the app role's rights."""
 
 import pytest
-from helpers import APP_USER, ENV_DIR, TABLE, psql_app, psql_postgres, unit_state
+from helpers import (
+    APP_USER,
+    ENV_DIR,
+    MAX_EXPOSURE,
+    TABLE,
+    exposure,
+    psql_app,
+    psql_app_to,
+    psql_postgres,
+    unit_state,
+)
 
 testinfra_hosts = ["ansible://database"]
 
@@ -74,3 +84,15 @@ def test_app_role_cannot_create_tables(host):
     result = psql_app(host, "CREATE TABLE molecule_probe (id int)")
     assert result.rc != 0
     assert "permission denied" in result.stderr
+
+
+@pytest.mark.parametrize("database", ["postgres", "template1"])
+def test_app_role_cannot_open_other_databases(host, database):
+    """pg_hba admits iot_app to its own database only; the others refuse the connection."""
+    result = psql_app_to(host, database, "SELECT 1")
+    assert result.rc != 0
+    assert "no pg_hba.conf entry" in result.stderr, result.stderr
+
+
+def test_db_consumer_unit_sandboxed(host):
+    assert exposure(host, "iot-db-consumer") <= MAX_EXPOSURE

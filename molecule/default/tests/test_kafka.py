@@ -1,7 +1,7 @@
 """The kafka host: the KRaft broker as its own user, both listeners, the pipeline topics."""
 
 import pytest
-from helpers import TOPICS, kafka_cli, unit_state
+from helpers import MAX_EXPOSURE, TOPICS, exposure, kafka_cli, unit_state
 
 testinfra_hosts = ["ansible://kafka"]
 
@@ -29,3 +29,7 @@ def test_topic_has_three_partitions(host, topic):
     assert result.rc == 0, result.stderr
     assert "PartitionCount: 3" in result.stdout
     assert sum(1 for line in result.stdout.splitlines() if "Partition: " in line) == 3
+
+
+def test_kafka_unit_sandboxed(host):
+    assert exposure(host, "kafka") <= MAX_EXPOSURE

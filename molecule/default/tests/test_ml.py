@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from helpers import APP_USER, ENV_DIR, unit_state
+from helpers import APP_USER, ENV_DIR, MAX_EXPOSURE, exposure, unit_state
 
 testinfra_hosts = ["ansible://ml"]
 
@@ -45,3 +45,8 @@ def test_ml_server_health(host):
     status, _, body = out.partition("\n")
     assert status == "200"
     assert json.loads(body)
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_unit_sandboxed(host, unit):
+    assert exposure(host, unit) <= MAX_EXPOSURE

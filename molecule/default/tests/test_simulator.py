@@ -1,6 +1,6 @@
 """The simulator host: a finite run that exited cleanly and stays active (exited)."""
 
-from helpers import APP_USER, ENV_DIR, unit_state
+from helpers import APP_USER, ENV_DIR, MAX_EXPOSURE, exposure, unit_state
 
 testinfra_hosts = ["ansible://simulator"]
 
@@ -23,3 +23,7 @@ def test_env_file_root_only(host):
 def test_dataset_copied(host):
     assert host.file("/var/lib/iot-pipeline/dataset/test.npz").is_file
     assert host.file("/var/lib/iot-pipeline/dataset/meta.json").is_file
+
+
+def test_simulator_unit_sandboxed(host):
+    assert exposure(host, "iot-simulator") <= MAX_EXPOSURE
