@@ -81,8 +81,8 @@ chaos: deps ## fault-injection runs with figures (local deployment)
 	python bench/chaos.py $(CHAOS_ARGS)
 
 # --- tests ------------------------------------------------------------------------------------
-.PHONY: test lint test-python molecule test-all
-test: deps lint test-python molecule ## lint + Python tests + molecule default scenario
+.PHONY: test lint test-python molecule molecule-tls test-all
+test: deps lint test-python molecule molecule-tls ## lint + Python tests + molecule default and tls scenarios
 
 lint: venv ## ruff, yamllint, ansible-lint (production profile)
 	ruff check files/iot_pipeline
@@ -94,6 +94,9 @@ test-python: host-packages venv kafka-archive ## unit, integration and end-to-en
 
 molecule: deps ## molecule test -s $(SCENARIO)
 	molecule test -s $(SCENARIO)
+
+molecule-tls: deps ## molecule test -s tls (the pipeline over TLS and SASL/SCRAM)
+	molecule test -s tls
 
 # Longer than CI's 90-minute budget on 2 cores allows, so CI runs `make test` only.
 test-all: test ## make test + every role scenario (kafka, postgresql, pipeline_app, zookeeper, cluster)

@@ -66,6 +66,7 @@ required_entries=(
   "$dist_name/bin/kafka-console-consumer.sh"
   "$dist_name/bin/kafka-console-producer.sh"
   "$dist_name/bin/kafka-metadata-quorum.sh"
+  "$dist_name/bin/kafka-configs.sh"
   "$dist_name/config/server.properties"
 )
 
@@ -167,6 +168,7 @@ offsets_class=$(find_class org.apache.kafka.tools.GetOffsetShell kafka.tools.Get
 consumer_class=$(find_class org.apache.kafka.tools.consumer.ConsoleConsumer kafka.tools.ConsoleConsumer)
 producer_class=$(find_class org.apache.kafka.tools.ConsoleProducer kafka.tools.ConsoleProducer)
 quorum_class=$(find_class org.apache.kafka.tools.MetadataQuorumCommand)
+configs_class=$(find_class kafka.admin.ConfigCommand org.apache.kafka.tools.ConfigCommand)
 zookeeper_class=
 if grep -qxF org.apache.zookeeper.server.quorum.QuorumPeerMain "$work/classes.txt"; then
   zookeeper_class=org.apache.zookeeper.server.quorum.QuorumPeerMain
@@ -342,6 +344,7 @@ write_tool kafka-get-offsets.sh "$offsets_class"
 write_tool kafka-console-consumer.sh "$consumer_class" -Xmx512M
 write_tool kafka-console-producer.sh "$producer_class" -Xmx512M
 write_tool kafka-metadata-quorum.sh "$quorum_class"
+write_tool kafka-configs.sh "$configs_class"
 
 sed -i "s|@BROKER_CLASS@|$broker_class|" "$stage/bin/kafka-server-start.sh"
 
@@ -559,7 +562,8 @@ fi
     kafka-get-offsets.sh "$offsets_class" \
     kafka-console-consumer.sh "$consumer_class" \
     kafka-console-producer.sh "$producer_class" \
-    kafka-metadata-quorum.sh "$quorum_class"
+    kafka-metadata-quorum.sh "$quorum_class" \
+    kafka-configs.sh "$configs_class"
   if [[ -n $zookeeper_class ]]; then
     printf '  %-28s %s\n' zookeeper-server-start.sh "$zookeeper_class"
   fi

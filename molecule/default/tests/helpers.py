@@ -22,13 +22,17 @@ def unit_state(host, unit):
 
 
 def kafka_cli(host, tool, args):
-    return host.run(f"{KAFKA_ENV} {KAFKA_BIN}/{tool} --bootstrap-server {KAFKA_BOOTSTRAP} {args}")
+    return host.run(
+        f"{KAFKA_ENV} {KAFKA_BIN}/{tool} --bootstrap-server {KAFKA_BOOTSTRAP} {args}"
+    )
 
 
 def psql_postgres(host, sql):
     """Runs SQL as the superuser over the local socket (-A -t: bare values)."""
     return host.run(
-        "runuser -u postgres -- psql -X -A -t -q -v ON_ERROR_STOP=1 -d %s -c %s", DB_NAME, sql
+        "runuser -u postgres -- psql -X -A -t -q -v ON_ERROR_STOP=1 -d %s -c %s",
+        DB_NAME,
+        sql,
     )
 
 
@@ -59,6 +63,8 @@ MAX_EXPOSURE = 5.0
 
 def exposure(host, unit):
     """The overall exposure level systemd-analyze security gives the unit."""
-    last = host.check_output("systemd-analyze security --no-pager %s", unit).splitlines()[-1]
+    last = host.check_output(
+        "systemd-analyze security --no-pager %s", unit
+    ).splitlines()[-1]
     # "→ Overall exposure level for iot-db-consumer.service: 1.2 OK :-)"
     return float(last.split(":")[1].split()[0])

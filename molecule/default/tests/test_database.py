@@ -54,10 +54,18 @@ def test_table_exists(host):
 
 @pytest.mark.parametrize(
     ("privilege", "granted"),
-    [("SELECT", True), ("INSERT", True), ("UPDATE", True), ("DELETE", False), ("TRUNCATE", False)],
+    [
+        ("SELECT", True),
+        ("INSERT", True),
+        ("UPDATE", True),
+        ("DELETE", False),
+        ("TRUNCATE", False),
+    ],
 )
 def test_app_role_table_privileges(host, privilege, granted):
-    result = psql_postgres(host, f"SELECT has_table_privilege('iot_app', '{TABLE}', '{privilege}')")
+    result = psql_postgres(
+        host, f"SELECT has_table_privilege('iot_app', '{TABLE}', '{privilege}')"
+    )
     assert result.rc == 0, result.stderr
     assert result.stdout.strip() == ("t" if granted else "f")
 

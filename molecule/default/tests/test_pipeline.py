@@ -30,9 +30,9 @@ COUNTS_SQL = (
 
 def tier(host, group):
     """The first host of an inventory group (get_hosts expands the group; get_host would not)."""
-    return host.get_hosts([f"ansible://{group}"], ansible_inventory=host.backend.ansible_inventory)[
-        0
-    ]
+    return host.get_hosts(
+        [f"ansible://{group}"], ansible_inventory=host.backend.ansible_inventory
+    )[0]
 
 
 def row_counts(db):
@@ -50,13 +50,17 @@ def wait_for_rows(db, expected, ready=lambda: True):
         if counts["complete"] >= expected and ready():
             return counts
         if time.monotonic() > deadline:
-            pytest.fail(f"{expected} complete rows not reached within {TIMEOUT_S} s: {counts}")
+            pytest.fail(
+                f"{expected} complete rows not reached within {TIMEOUT_S} s: {counts}"
+            )
         print(f"waiting for {expected} complete rows: {counts}")
         time.sleep(POLL_S)
 
 
 def dead_letter_messages(kafka):
-    result = kafka_cli(kafka, "kafka-get-offsets.sh", f"--topic {TOPICS['dlq']} --time -1")
+    result = kafka_cli(
+        kafka, "kafka-get-offsets.sh", f"--topic {TOPICS['dlq']} --time -1"
+    )
     assert result.rc == 0, result.stderr
     # topic:partition:offset, one line per partition
     offsets = [line.rsplit(":", 2) for line in result.stdout.split()]
