@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
 # The helper module sits beside this file; make it importable whatever pytest's import mode is.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import servers
+
+T = TypeVar("T")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -22,12 +26,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Bootstrap "127.0.0.1:PORT" of a single-node KRaft Kafka; new topics get 3 partitions."""
-    server = servers.KafkaServer(tmp_path_factory.mktemp("kafka"))
+@contextlib.contextmanager
+def _running(server: Any, start: Callable[[], T]) -> Iterator[T]:
+    """Starts a server for a fixture, stops it after; a server that cannot start fails the run."""
     try:
-        bootstrap = server.start()
+        started = start()
     except servers.ServerError as exc:
         server.stop()
         pytest.fail(str(exc), pytrace=False)
@@ -35,9 +38,17 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
         raise
     try:
-        yield bootstrap
+        yield started
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap "127.0.0.1:PORT" of a single-node KRaft Kafka; new topics get 3 partitions."""
+    server = servers.KafkaServer(tmp_path_factory.mktemp("kafka"))
+    with _running(server, server.start) as bootstrap:
+        yield bootstrap
 
 
 @pytest.fixture(scope="session")
@@ -47,18 +58,8 @@ def postgres_server() -> Iterator[servers.PostgresServer]:
         server = servers.PostgresServer()
     except servers.ServerError as exc:
         pytest.fail(str(exc), pytrace=False)
-    try:
-        server.start()
-    except servers.ServerError as exc:
-        server.stop()
-        pytest.fail(str(exc), pytrace=False)
-    except BaseException:
-        server.stop()
-        raise
-    try:
+    with _running(server, server.start):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

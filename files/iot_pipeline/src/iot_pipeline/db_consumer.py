@@ -17,7 +17,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from iot_pipeline import config, kafka_io, messages, store
 from iot_pipeline.config import ConfigError, KafkaSettings, Option
-from iot_pipeline.runtime import StopFlag, backoff, configure_logging
+from iot_pipeline.runtime import StopFlag, backoff, configure_logging, run_until_stopped
 
 log = logging.getLogger("iot_pipeline.db_consumer")
 
@@ -202,13 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ansible reads this line to report changed / ok.
         print("schema migrated" if ran else "schema up to date")
         return 0
-    stop = StopFlag().install()
-    consumer = DbConsumer(settings, stop)
-    try:
-        consumer.run()
-    finally:
-        consumer.close()
-    return 0
+    return run_until_stopped(lambda stop: DbConsumer(settings, stop))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from iot_pipeline import config, kafka_io, messages
 from iot_pipeline.config import ConfigError, KafkaSettings, Option
-from iot_pipeline.runtime import StopFlag, backoff, configure_logging
+from iot_pipeline.runtime import StopFlag, backoff, configure_logging, run_until_stopped
 
 log = logging.getLogger("iot_pipeline.inference_consumer")
 
@@ -277,13 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"inference-consumer: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    stop = StopFlag().install()
-    consumer = InferenceConsumer(settings, stop)
-    try:
-        consumer.run()
-    finally:
-        consumer.close()
-    return 0
+    return run_until_stopped(lambda stop: InferenceConsumer(settings, stop))
 
 
 if __name__ == "__main__":

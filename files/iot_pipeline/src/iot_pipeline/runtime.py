@@ -6,7 +6,8 @@ import logging
 import random
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 
 def configure_logging(level: str) -> None:
@@ -44,6 +45,24 @@ class StopFlag:
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; return True at once if a stop was requested."""
         return self._event.wait(seconds)
+
+
+class Service(Protocol):
+    """A long-running consumer: run() until its StopFlag is set, close() once after."""
+
+    def run(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def run_until_stopped(make: Callable[[StopFlag], Service]) -> int:
+    """Installs the SIGTERM/SIGINT handler, runs the service it makes, always closes it; exit 0."""
+    service = make(StopFlag().install())
+    try:
+        service.run()
+    finally:
+        service.close()
+    return 0
 
 
 def backoff(initial: float = 0.5, maximum: float = 30.0) -> Iterator[float]:
