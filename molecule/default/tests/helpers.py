@@ -36,24 +36,15 @@ def psql_postgres(host, sql):
     )
 
 
-def psql_app(host, sql):
-    """Runs SQL as the application role, over TCP, with the db consumer's own environment file."""
-    return host.run(
-        "sh -c %s psql-as-app %s",
-        f"set -a; . {ENV_DIR}/iot-db-consumer.env; "
-        'exec psql -X -A -t -q -v ON_ERROR_STOP=1 -c "$1"',
-        sql,
-    )
-
-
-def psql_app_to(host, database, sql):
-    """Like psql_app, but asks for another database than the env file's PGDATABASE."""
+def psql_app(host, sql, database=""):
+    """Runs SQL as the application role, over TCP, with the db consumer's own environment file;
+    `database` asks for another one than the file's PGDATABASE."""
     return host.run(
         "sh -c %s psql-as-app %s %s",
         f"set -a; . {ENV_DIR}/iot-db-consumer.env; "
-        'exec psql -X -A -t -q -v ON_ERROR_STOP=1 -d "$1" -c "$2"',
-        database,
+        '[ -z "$2" ] || PGDATABASE="$2"; exec psql -X -A -t -q -v ON_ERROR_STOP=1 -c "$1"',
         sql,
+        database,
     )
 
 

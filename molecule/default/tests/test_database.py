@@ -8,7 +8,6 @@ from helpers import (
     TABLE,
     exposure,
     psql_app,
-    psql_app_to,
     psql_postgres,
     unit_state,
 )
@@ -97,7 +96,7 @@ def test_app_role_cannot_create_tables(host):
 @pytest.mark.parametrize("database", ["postgres", "template1"])
 def test_app_role_cannot_open_other_databases(host, database):
     """pg_hba admits iot_app to its own database only; the others refuse the connection."""
-    result = psql_app_to(host, database, "SELECT 1")
+    result = psql_app(host, "SELECT 1", database=database)
     assert result.rc != 0
     assert "no pg_hba.conf entry" in result.stderr, result.stderr
 
