@@ -113,6 +113,19 @@ COMMON_OPTIONS: tuple[Option, ...] = (
            positive_int, default="1048576"),
 )
 
+# Both consumers: their group membership and how often a failing batch is tried.
+CONSUMER_OPTIONS: tuple[Option, ...] = (
+    Option("group_instance_id", "IOT_KAFKA_GROUP_INSTANCE_ID",
+           "static group member id, stable across restarts and unique in the group (KIP-345); "
+           "empty joins as a dynamic member", default=None),
+    Option("session_timeout_ms", "IOT_KAFKA_SESSION_TIMEOUT_MS",
+           "how long the group waits for a silent member before moving its partitions",
+           positive_int, default="10000"),
+    Option("max_attempts", "IOT_MAX_ATTEMPTS",
+           "attempts at a batch that fails unexpectedly before its failing records are "
+           "dead-lettered", positive_int, default="3"),
+)
+
 
 @dataclass(frozen=True)
 class KafkaSettings:

@@ -4,6 +4,11 @@ Per batch: decode (bad records go to the dead-letter topic), write every row in 
 transaction, confirm the dead letters, then commit the Kafka offsets. A crash anywhere before
 the offset commit replays the batch; the UPSERTs make the replay harmless. While PostgreSQL is
 down the consumer pauses its partitions and retries, so nothing is lost or dead-lettered.
+
+No record can stop the consumer: one PostgreSQL refuses (a data error, a constraint) is found by
+bisecting the batch and dead-lettered with the database's error, the rest is stored; a batch that
+fails unexpectedly is tried IOT_MAX_ATTEMPTS times, then record by record, and the records that
+still fail are dead-lettered with the exception (kafka_io.with_bounded_attempts).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ log = logging.getLogger("iot_pipeline.db_consumer")
 OPTIONS: tuple[Option, ...] = (
     *config.KAFKA_OPTIONS,
     *config.COMMON_OPTIONS,
+    *config.CONSUMER_OPTIONS,
     Option("group_id", "IOT_DB_GROUP_ID", "consumer group of the database writers",
            default="iot-db-writer"),
     Option("batch_size", "IOT_DB_BATCH_SIZE", "records per database transaction",
@@ -47,6 +53,9 @@ class Settings:
     expected_image_size: tuple[int, int] | None
     max_image_bytes: int
     log_level: str = "INFO"
+    group_instance_id: str | None = None
+    session_timeout_ms: int = 10_000
+    max_attempts: int = 3
 
 
 def load_settings(argv: Sequence[str] | None = None, environ=None) -> tuple[Settings, bool]:
@@ -70,6 +79,9 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> tuple[Sett
         expected_image_size=values["expected_image_size"],
         max_image_bytes=values["max_image_bytes"],
         log_level=values["log_level"],
+        group_instance_id=values["group_instance_id"],
+        session_timeout_ms=values["session_timeout_ms"],
+        max_attempts=values["max_attempts"],
     )
     return settings, values["migrate_only"]
 
@@ -77,10 +89,10 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> tuple[Sett
 def sort_batch(
     records: Sequence[ConsumerRecord],
     settings: Settings,
-) -> tuple[list[messages.ImageMessage], list[messages.ResultMessage],
+) -> tuple[list[tuple[ConsumerRecord, messages.Message]],
            list[tuple[ConsumerRecord, messages.InvalidMessage]]]:
-    """Split a batch into images to store, results to store, and records to dead-letter."""
-    images, results, rejected = [], [], []
+    """Split a batch into (record, message) pairs to store and records to dead-letter."""
+    decoded, rejected = [], []
     for record in records:
         try:
             message = messages.decode(
@@ -90,8 +102,8 @@ def sort_batch(
         except messages.InvalidMessage as error:
             rejected.append((record, error))
             continue
-        (images if isinstance(message, messages.ImageMessage) else results).append(message)
-    return images, results, rejected
+        decoded.append((record, message))
+    return decoded, rejected
 
 
 class DbConsumer:
@@ -102,6 +114,8 @@ class DbConsumer:
             settings.kafka, settings.group_id,
             [settings.kafka.images_topic, settings.kafka.results_topic],
             client_id="iot-db-consumer", max_poll_records=settings.batch_size,
+            group_instance_id=settings.group_instance_id,
+            session_timeout_ms=settings.session_timeout_ms,
         )
         self.producer = kafka_io.producer(settings.kafka, client_id="iot-db-consumer-dlq")
         self.dead_letters = kafka_io.DeadLetters(self.producer, settings.kafka.dlq_topic,
@@ -119,25 +133,41 @@ class DbConsumer:
             batch = kafka_io.poll_batch(self.consumer, self.settings.batch_size,
                                         self.settings.batch_linger_s)
             if batch:
-                self.process(batch)
-        log.info("stopped: %d images and %d results stored, %d dead letters",
-                 self.stored_images, self.stored_results, self.dead_letters.count)
+                self.handle(batch)
+        log.info("stopped: %d images and %d results stored, dead letters %s",
+                 self.stored_images, self.stored_results, self.dead_letters.summary())
 
-    def process(self, batch: Sequence[ConsumerRecord]) -> None:
-        images, results, rejected = sort_batch(batch, self.settings)
+    def handle(self, batch: Sequence[ConsumerRecord]) -> bool:
+        """Store or dead-letter every record of the batch, then commit its offsets; False when
+        stopping first (nothing committed: Kafka replays the batch)."""
+        if not kafka_io.with_bounded_attempts(batch, self.process, self.dead_letters,
+                                              self.stop, self.settings.max_attempts):
+            return False
+        kafka_io.commit(self.consumer)
+        self.dead_letters.forget(batch)
+        return True
+
+    def process(self, batch: Sequence[ConsumerRecord]) -> bool:
+        """Store the batch's messages and dead-letter the rest, without committing; False when
+        stopping while PostgreSQL is down."""
+        decoded, rejected = sort_batch(batch, self.settings)
         for record, error in rejected:
             self.dead_letters.send(record, error)
-        summary = self._write_until_stored(images, results)
-        if summary is None:
-            return  # stopping while PostgreSQL is down: nothing committed, Kafka replays it
+        written = self._write_until_stored(decoded)
+        if written is None:
+            return False
+        summary, refused = written
+        for record, error in refused:
+            self.dead_letters.send(record, error)
         self.dead_letters.confirm()
-        kafka_io.commit(self.consumer)
         self.stored_images += summary.images
         self.stored_results += summary.results
         log.debug("stored %d images, %d results (%s .. %s)", summary.images, summary.results,
                   kafka_io.where(batch[0]), kafka_io.where(batch[-1]))
+        return True
 
-    def _write_until_stored(self, images, results) -> store.WriteSummary | None:
+    def _write_until_stored(self, decoded):
+        """store.write_isolating, retried while PostgreSQL is unavailable; None if stopping."""
         delays = backoff()
         paused = False
         try:
@@ -145,7 +175,7 @@ class DbConsumer:
                 try:
                     if self.conn is None or self.conn.closed:
                         self.conn = store.connect(self.settings.dsn)
-                    return store.write_batch(self.conn, images, results)
+                    return store.write_isolating(self.conn, decoded)
                 except store.StoreUnavailable as exc:
                     self._close_connection()
                     delay = next(delays)
@@ -153,8 +183,11 @@ class DbConsumer:
                     if not paused:
                         self.consumer.pause(*self.consumer.assignment())
                         paused = True
-                    # Polling while paused fetches nothing but keeps this member in its group.
-                    self.consumer.poll(timeout_ms=0)
+                    # Polling while paused keeps this member in its group. It fetches nothing,
+                    # unless a rebalance just assigned a new partition: rewind those records so
+                    # that the next commit cannot skip them.
+                    for tp, records in self.consumer.poll(timeout_ms=0).items():
+                        self.consumer.seek(tp, records[0].offset)
                     if self.stop.wait(delay):
                         return None
         finally:

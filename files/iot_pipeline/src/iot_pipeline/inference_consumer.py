@@ -5,6 +5,10 @@ Offsets are committed only after Kafka acknowledged every result and dead letter
 (at-least-once). While the ML server is down the batch is retried with backoff, never dropped.
 The next batch is polled and sent while the ML server still works on the previous one, so the
 model does not wait for Kafka round trips; offsets are still committed batch by batch, in order.
+
+No record can stop the consumer: a batch that fails unexpectedly (a bug, an answer of the ML
+server it cannot read) is tried IOT_MAX_ATTEMPTS times, then image by image, and the images that
+still fail are dead-lettered with the exception as the reason (kafka_io.with_bounded_attempts).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ log = logging.getLogger("iot_pipeline.inference_consumer")
 OPTIONS: tuple[Option, ...] = (
     *config.KAFKA_OPTIONS,
     *config.COMMON_OPTIONS,
+    *config.CONSUMER_OPTIONS,
     Option("ml_server_url", "IOT_ML_SERVER_URL", "base URL of the ML server",
            default="http://127.0.0.1:8000"),
     Option("group_id", "IOT_INFER_GROUP_ID", "consumer group of the inference consumers",
@@ -57,6 +62,9 @@ class Settings:
     expected_image_size: tuple[int, int] | None
     max_image_bytes: int
     log_level: str = "INFO"
+    group_instance_id: str | None = None
+    session_timeout_ms: int = 10_000
+    max_attempts: int = 3
 
 
 def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
@@ -72,6 +80,9 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
         expected_image_size=values["expected_image_size"],
         max_image_bytes=values["max_image_bytes"],
         log_level=values["log_level"],
+        group_instance_id=values["group_instance_id"],
+        session_timeout_ms=values["session_timeout_ms"],
+        max_attempts=values["max_attempts"],
     )
 
 
@@ -86,6 +97,16 @@ class MlRejected(RuntimeError):
         super().__init__(f"HTTP {status}: {body}")
         self.status = status
         self.body = body
+
+
+@dataclass
+class InFlight:
+    """A polled batch: its decoded images at the ML server, or the error that stopped that."""
+
+    batch: Sequence[ConsumerRecord]
+    images: list[tuple[ConsumerRecord, messages.ImageMessage]] | None = None
+    future: Future | None = None
+    error: Exception | None = None
 
 
 class MlClient:
@@ -129,6 +150,8 @@ class InferenceConsumer:
             client_id="iot-inference-consumer", max_poll_records=settings.batch_size,
             # A batch may wait on a slow or restarting ML server for minutes.
             max_poll_interval_ms=600_000,
+            group_instance_id=settings.group_instance_id,
+            session_timeout_ms=settings.session_timeout_ms,
         )
         self.producer = kafka_io.producer(settings.kafka, client_id="iot-inference-consumer")
         self.dead_letters = kafka_io.DeadLetters(self.producer, settings.kafka.dlq_topic,
@@ -136,7 +159,7 @@ class InferenceConsumer:
         self.classified = 0
 
     def run(self) -> None:
-        pending: tuple | None = None
+        pending: InFlight | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ml-call") as calls:
             while not self.stop.is_set():
                 # With a batch at the ML server, take only what Kafka already has: waiting
@@ -145,26 +168,55 @@ class InferenceConsumer:
                                             self.settings.batch_timeout_s,
                                             idle_timeout_s=0.0 if pending else 1.0)
                 submitted = self._submit(calls, batch) if batch else None
-                if pending is not None and not self._finish(*pending):
+                if pending is not None and not self._finish(pending):
                     # Stopping with the ML server down: later batches must not be committed
                     # past this one; Kafka replays both.
                     pending = None
                     break
                 pending = submitted
             if pending is not None:
-                self._finish(*pending)
-        log.info("stopped: %d images classified, %d dead letters",
-                 self.classified, self.dead_letters.count)
+                self._finish(pending)
+        log.info("stopped: %d images classified, dead letters %s",
+                 self.classified, self.dead_letters.summary())
 
-    def _submit(self, calls: ThreadPoolExecutor, batch: Sequence[ConsumerRecord]) -> tuple:
-        images = self._decode(batch)
+    def _submit(self, calls: ThreadPoolExecutor, batch: Sequence[ConsumerRecord]) -> InFlight:
+        try:
+            images = self._decode(batch)
+        except kafka_io.OUTAGES:
+            raise
+        except Exception as exc:
+            return InFlight(batch, error=exc)  # attempted again in _finish, in offset order
         future = calls.submit(self._classify_with_retry, [m for _, m in images]) \
             if images else None
-        return batch, images, future
+        return InFlight(batch, images, future)
 
-    def _finish(self, batch: Sequence[ConsumerRecord], images, future: Future | None) -> bool:
+    def _finish(self, flight: InFlight) -> bool:
         """Publish one batch's results, then commit exactly its offsets; False when stopping
         before it could be classified."""
+        error = flight.error
+        if error is None:
+            try:
+                done = self._complete(flight.images, flight.future)
+            except kafka_io.OUTAGES:
+                raise
+            except Exception as exc:
+                error = exc
+        if error is not None:
+            done = kafka_io.with_bounded_attempts(
+                flight.batch, self._process_once, self.dead_letters, self.stop,
+                self.settings.max_attempts, failed=error)
+        if not done:
+            return False
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for record in flight.batch:
+            tp = TopicPartition(record.topic, record.partition)
+            if tp not in offsets or offsets[tp].offset <= record.offset:
+                offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
+        self._commit(offsets)
+        self.dead_letters.forget(flight.batch)
+        return True
+
+    def _complete(self, images, future: Future | None) -> bool:
         try:
             results = [] if future is None else future.result()
         except MlRejected:
@@ -172,21 +224,24 @@ class InferenceConsumer:
         if results is None:
             return False
         self._publish(results)
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        for record in batch:
-            tp = TopicPartition(record.topic, record.partition)
-            if tp not in offsets or offsets[tp].offset <= record.offset:
-                offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
-        self._commit(offsets)
         return True
 
-    def process(self, batch: Sequence[ConsumerRecord]) -> None:
-        """Classify, publish and commit one batch, without overlap."""
+    def process(self, batch: Sequence[ConsumerRecord]) -> bool:
+        """Classify, publish and commit one batch, without overlap; False when stopping while
+        the ML server is down (the batch is replayed later)."""
+        if not kafka_io.with_bounded_attempts(batch, self._process_once, self.dead_letters,
+                                              self.stop, self.settings.max_attempts):
+            return False
+        self._commit(None)
+        self.dead_letters.forget(batch)
+        return True
+
+    def _process_once(self, batch: Sequence[ConsumerRecord]) -> bool:
         results = self._classify(self._decode(batch))
         if results is None:
-            return  # stopping while the ML server is down: the batch is replayed later
+            return False
         self._publish(results)
-        self._commit(None)
+        return True
 
     def _decode(self, batch: Sequence[ConsumerRecord]):
         images: list[tuple[ConsumerRecord, messages.ImageMessage]] = []

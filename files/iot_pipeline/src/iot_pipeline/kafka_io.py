@@ -3,21 +3,32 @@
 Delivery is at-least-once end to end: producers wait for all in-sync replicas (``acks=all``,
 idempotent), consumers never auto-commit and commit only after what they produced is
 acknowledged and what they stored is committed.
+
+Consumers may be static group members (``group_instance_id``, KIP-345): a restarted instance
+rejoins under its old identity and gets its partitions back at once, without a rebalance of the
+group; only a member gone for longer than its session timeout is replaced.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
+from kafka.errors import (
+    CommitFailedError,
+    FencedInstanceIdError,
+    KafkaError,
+    RebalanceInProgressError,
+)
 
 from iot_pipeline.config import KafkaSettings
 from iot_pipeline.messages import InvalidMessage
+from iot_pipeline.runtime import StopFlag, backoff
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +37,11 @@ MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 
 class DeliveryError(RuntimeError):
     """Kafka did not acknowledge a record we must not lose; the batch is not committed."""
+
+
+# Kafka itself failing: never a record's fault, so never dead-lettered (the dead letter could
+# not be delivered either). They end the process; systemd restarts it and Kafka replays.
+OUTAGES: tuple[type[BaseException], ...] = (KafkaError, DeliveryError)
 
 
 def producer(settings: KafkaSettings, client_id: str, **overrides: Any) -> KafkaProducer:
@@ -48,12 +64,24 @@ def consumer(
     group_id: str,
     topics: Iterable[str],
     client_id: str,
+    *,
+    group_instance_id: str | None = None,
+    session_timeout_ms: int = 10_000,
     **overrides: Any,
 ) -> KafkaConsumer:
+    """A manual-commit group member; static when ``group_instance_id`` is set.
+
+    ``session_timeout_ms`` bounds how long the partitions of a member that died without a
+    restart wait before the group moves them (kafka-python's default is 45 s); heartbeats go
+    every third of it, which is kafka-python's default ratio.
+    """
     config: dict[str, Any] = {
         **settings.client_config(),
         "client_id": client_id,
         "group_id": group_id,
+        "group_instance_id": group_instance_id or None,
+        "session_timeout_ms": session_timeout_ms,
+        "heartbeat_interval_ms": max(1, session_timeout_ms // 3),
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "max_partition_fetch_bytes": MAX_MESSAGE_BYTES * 2,
@@ -63,7 +91,10 @@ def consumer(
     subscribed = sorted(set(topics))
     kafka_consumer = KafkaConsumer(**config)
     kafka_consumer.subscribe(subscribed)
-    log.info("group %s subscribed to %s", group_id, ", ".join(subscribed))
+    log.info("group %s subscribed to %s (%s member, session timeout %d ms)", group_id,
+             ", ".join(subscribed),
+             f"static {group_instance_id!r}" if group_instance_id else "dynamic",
+             session_timeout_ms)
     return kafka_consumer
 
 
@@ -72,11 +103,24 @@ def commit(kafka_consumer: KafkaConsumer, offsets: dict | None = None) -> bool:
 
     A failed commit is not an error worth dying for: the next batch's commit covers these
     offsets, and if the process dies first Kafka replays the batch, which the UPSERTs and the
-    idempotent results absorb. It happens on a rebalance (CommitFailedError) and while a broker
-    restarts or the group coordinator moves (connection errors).
+    idempotent results absorb. It happens while a broker restarts or the group coordinator moves
+    (connection errors) and on a rebalance: kafka-python 3.x raises RebalanceInProgressError
+    while the group is rejoining and CommitFailedError once this member's generation is stale.
+    In both cases the next poll() rejoins the group, the partitions kept start again from their
+    last committed offsets, and the batch is replayed.
+
+    FencedInstanceIdError is raised, not logged: another process runs with this member's
+    group_instance_id, a configuration error that must stop one of the two.
     """
     try:
         kafka_consumer.commit(offsets)
+    except FencedInstanceIdError:
+        log.error("another consumer uses this group_instance_id: stopping")
+        raise
+    except (RebalanceInProgressError, CommitFailedError) as exc:
+        log.warning("offset commit refused by a rebalance (%s): the next poll rejoins the "
+                    "group and the batch is replayed", exc)
+        return False
     except KafkaError as exc:
         log.warning("offset commit failed (%s): the next commit covers it, or Kafka replays "
                     "the batch", exc)
@@ -129,6 +173,8 @@ class DeadLetters:
 
     The value is the original bytes, untouched; the reason and origin travel as headers
     (``dlq.reason``, ``dlq.detail``, ``dlq.source``, ``dlq.group``), as Kafka Connect does.
+    A record is dead-lettered once per batch even when the batch is attempted again
+    (:meth:`forget` ends the batch); ``by_reason`` counts what was sent, per reason.
     """
 
     def __init__(self, kafka_producer: KafkaProducer, topic: str, group: str) -> None:
@@ -136,10 +182,18 @@ class DeadLetters:
         self._topic = topic
         self._group = group
         self._pending: list[Any] = []
+        self._sent: set[tuple[str, int, int]] = set()
+        self.by_reason: Counter[str] = Counter()
         self.count = 0
 
     def send(self, record: ConsumerRecord, error: InvalidMessage) -> None:
-        log.warning("dead-lettering %s: %s", where(record), error)
+        position = (record.topic, record.partition, record.offset)
+        if position in self._sent:
+            return
+        self._sent.add(position)
+        self.by_reason[error.reason] += 1
+        log.warning("dead-lettering %s: %s (%d with this reason so far)", where(record), error,
+                    self.by_reason[error.reason])
         headers = [
             ("dlq.reason", error.reason.encode()),
             ("dlq.detail", error.detail.encode("utf-8", "replace")[:1000]),
@@ -155,6 +209,79 @@ class DeadLetters:
         """Block until every dead letter sent so far is acknowledged."""
         confirm_all(self._producer, self._pending, timeout_s)
         self._pending.clear()
+
+    def forget(self, records: Iterable[ConsumerRecord]) -> None:
+        """The batch of these records is done (committed): a replay may dead-letter them again."""
+        for record in records:
+            self._sent.discard((record.topic, record.partition, record.offset))
+
+    def summary(self) -> str:
+        """``3 (bad_json 2, bad_field 1)``: the stop line of each consumer."""
+        reasons = ", ".join(f"{reason} {n}" for reason, n in self.by_reason.most_common())
+        return f"{self.count} ({reasons})" if reasons else "0"
+
+
+def unexpected(exc: BaseException, attempts: int) -> InvalidMessage:
+    """The dead-letter reason of a record that failed for no reason the code knows."""
+    return InvalidMessage(f"unexpected_{type(exc).__name__}",
+                          f"{exc} (failed {attempts} times)"[:1000])
+
+
+def with_bounded_attempts(
+    records: Sequence[ConsumerRecord],
+    process: Callable[[Sequence[ConsumerRecord]], bool],
+    dead_letters: DeadLetters,
+    stop: StopFlag,
+    max_attempts: int,
+    *,
+    failed: Exception | None = None,
+) -> bool:
+    """Run ``process(records)`` so that an unexpected exception cannot crash-loop the service.
+
+    ``process`` returns False when it stopped early (the service is stopping: nothing is
+    committed, Kafka replays). Anything it raises other than :data:`OUTAGES` counts as one failed
+    attempt at these offsets; after ``max_attempts`` (``failed`` is a first attempt made
+    elsewhere) each record is processed alone once more, and the ones that fail again are
+    dead-lettered with the exception as the reason, so one bad record costs its batch a few
+    retries and no more. Returns True once every record is processed or dead-lettered.
+    """
+    attempt, error = (0, None) if failed is None else (1, failed)
+    if error is not None:
+        _log_failure(records, error, attempt, max_attempts)
+    delays = backoff()
+    while attempt < max_attempts:
+        if attempt and stop.wait(next(delays)):
+            return False
+        attempt += 1
+        try:
+            return process(records)
+        except OUTAGES:
+            raise
+        except Exception as exc:
+            error = exc
+            _log_failure(records, exc, attempt, max_attempts)
+    if len(records) == 1:
+        dead_letters.send(records[0], unexpected(error, attempt))
+    else:
+        log.error("processing %s .. %s one record at a time to isolate the failing ones",
+                  where(records[0]), where(records[-1]))
+        for record in records:
+            try:
+                if not process([record]):
+                    return False
+            except OUTAGES:
+                raise
+            except Exception as exc:
+                log.exception("%s failed alone too", where(record))
+                dead_letters.send(record, unexpected(exc, attempt + 1))
+    dead_letters.confirm()
+    return True
+
+
+def _log_failure(records: Sequence[ConsumerRecord], exc: BaseException, attempt: int,
+                 max_attempts: int) -> None:
+    log.error("processing %d records from %s failed (attempt %d of %d): %r", len(records),
+              where(records[0]), attempt, max_attempts, exc, exc_info=exc)
 
 
 def confirm_all(kafka_producer: KafkaProducer, futures: Sequence[Any], timeout_s: float) -> None:

@@ -13,7 +13,10 @@ A result message (inference consumer -> results topic)::
      "top_k": [["tabby", 0.41], ["tiger cat", 0.2]]}
 
 Anything that does not decode into one of these raises :class:`InvalidMessage` with a short
-machine-readable ``reason`` (the dead-letter header) and a human ``detail``.
+machine-readable ``reason`` (the dead-letter header) and a human ``detail``. The checks cover
+what PostgreSQL would refuse later (NUL characters, unpaired surrogates, numbers a ``real`` cannot
+hold, time zone offsets beyond its +-15:59), so a bad record is dead-lettered here, before any
+transaction, and the DB consumer's bisection (store.py) is only the last line of defence.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import base64
 import binascii
 import io
 import json
+import struct
 import warnings
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -33,7 +37,12 @@ from PIL import Image, UnidentifiedImageError
 SCHEMA_VERSION = 1
 IMAGE_FORMATS = frozenset({"PNG", "JPEG"})
 MAX_IMAGE_PIXELS = 4096 * 4096
+# Every text field (ids, labels, model names); the table's text columns take any length, this
+# bound keeps rows and log lines small.
 MAX_ID_LENGTH = 200
+# PostgreSQL's timestamptz input accepts UTC offsets up to 15:59:59.
+MAX_UTC_OFFSET = timedelta(hours=16)
+MAX_TOP_K = 100
 
 
 class InvalidMessage(ValueError):
@@ -156,7 +165,9 @@ def decode(
         raise InvalidMessage("empty_message", "the record has no value")
     try:
         payload = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError: not UTF-8, not JSON, or an integer beyond Python's 4300-digit limit;
+        # RecursionError: nesting deeper than the parser's stack.
         raise InvalidMessage("bad_json", str(exc)[:200]) from None
     if not isinstance(payload, dict):
         raise InvalidMessage("bad_json", "top level is not an object")
@@ -176,7 +187,28 @@ def _text(payload: dict[str, Any], name: str, *, limit: int = MAX_ID_LENGTH) -> 
         raise InvalidMessage("missing_field", f"{name} must be a non-empty string")
     if len(value) > limit:
         raise InvalidMessage("bad_field", f"{name} is longer than {limit} characters")
+    if "\x00" in value:
+        # PostgreSQL text cannot hold NUL; psycopg2 refuses to even send it.
+        raise InvalidMessage("bad_field", f"{name} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMessage("bad_field", f"{name} holds an unpaired surrogate") from None
     return value
+
+
+def _number(value: Any, name: str, low: float, high: float) -> float:
+    """A JSON number in [low, high] that a PostgreSQL ``real`` stores without overflow or
+    underflow to zero."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InvalidMessage("bad_field", f"{name} must be a number")
+    # Compared before float(): a huge JSON integer would overflow the conversion.
+    if not low <= value <= high:  # also rejects NaN
+        raise InvalidMessage("bad_field", f"{name} must lie in [{low:g}, {high:g}]")
+    number = float(value)
+    if number != 0 and struct.unpack("f", struct.pack("f", number))[0] == 0:
+        raise InvalidMessage("bad_field", f"{name} is too small for a 4-byte real")
+    return number
 
 
 def _timestamp(payload: dict[str, Any], name: str) -> datetime:
@@ -185,8 +217,11 @@ def _timestamp(payload: dict[str, Any], name: str) -> datetime:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise InvalidMessage("bad_field", f"{name} is not an ISO 8601 timestamp") from None
-    if moment.tzinfo is None:
+    offset = moment.utcoffset()
+    if offset is None:
         raise InvalidMessage("bad_field", f"{name} has no time zone")
+    if abs(offset) >= MAX_UTC_OFFSET:
+        raise InvalidMessage("bad_field", f"{name} has a UTC offset beyond 15:59")
     return moment
 
 
@@ -219,14 +254,14 @@ def _decode_result_message(payload: dict[str, Any]) -> ResultMessage:
     inferred_value = _text(payload, "inferred_value")
     model = _text(payload, "model")
     inferred_at = _timestamp(payload, "inferred_at")
-    score = payload.get("score")
-    if not isinstance(score, int | float) or isinstance(score, bool):
-        raise InvalidMessage("bad_field", "score must be a number")
+    score = _number(payload.get("score"), "score", 0.0, 1.0)
     top_k = payload.get("top_k", [])
-    if not isinstance(top_k, list):
-        raise InvalidMessage("bad_field", "top_k must be a list")
-    try:
-        pairs = tuple((str(label), float(p)) for label, p in top_k)
-    except (TypeError, ValueError):
-        raise InvalidMessage("bad_field", "top_k must hold [label, score] pairs") from None
-    return ResultMessage(unique_id, inferred_value, float(score), model, inferred_at, pairs)
+    if not isinstance(top_k, list) or len(top_k) > MAX_TOP_K:
+        raise InvalidMessage("bad_field", f"top_k must be a list of at most {MAX_TOP_K} pairs")
+    pairs = []
+    for pair in top_k:
+        if not isinstance(pair, list) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise InvalidMessage("bad_field", "top_k must hold [label, score] pairs")
+        label = _text({"label": pair[0]}, "label")
+        pairs.append((label, _number(pair[1], "top_k score", 0.0, 1.0)))
+    return ResultMessage(unique_id, inferred_value, score, model, inferred_at, tuple(pairs))

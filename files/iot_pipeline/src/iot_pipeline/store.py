@@ -3,6 +3,13 @@
 An image and its result may arrive in either order; both are UPSERTs on ``unique_id`` that
 touch only their own columns, so either order ends in one complete row, and a redelivered
 message rewrites the same values (idempotent).
+
+What the database refuses is told apart by its error: an outage (connection lost, server shut
+down, a read-only standby, grants or table missing) is :class:`StoreUnavailable`, retried and never
+dead-lettered; a value it cannot take (a data error, a constraint) is :class:`RecordRefused`, and
+:func:`write_isolating` bisects the batch to find the refused records and stores all the others.
+The text columns are unbounded ``text``; messages.py caps every text field at 200 characters
+and rejects what PostgreSQL would refuse before it gets here.
 """
 
 from __future__ import annotations
@@ -10,13 +17,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import psycopg2
+import psycopg2.errorcodes
 import psycopg2.errors
 from psycopg2.extensions import connection
 from psycopg2.extras import execute_values
 
-from iot_pipeline.messages import ImageMessage, ResultMessage
+from iot_pipeline.messages import ImageMessage, InvalidMessage, Message, ResultMessage
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +93,48 @@ class SchemaError(RuntimeError):
     """The table is missing or out of date and this role may not migrate it."""
 
 
+class RecordRefused(InvalidMessage):
+    """PostgreSQL refused a value of the batch: some record in it can never be stored.
+
+    ``reason`` is ``db_`` and the SQLSTATE's name (``db_numeric_value_out_of_range``), or
+    ``db_unquotable_value`` when psycopg2 itself refused to send a value (NUL in a string).
+    """
+
+
+# Not the record's fault: retried like a lost connection, so nothing is dead-lettered while an
+# operator fixes grants or a failover promotes a standby.
+_NOT_WRITABLE = (
+    psycopg2.errors.InsufficientPrivilege,
+    psycopg2.errors.UndefinedTable,
+    psycopg2.errors.UndefinedColumn,
+    psycopg2.errors.ReadOnlySqlTransaction,
+)
+# A value or a constraint the database will refuse however often it is sent. ValueError is what
+# psycopg2 raises client-side, while quoting: NUL in a string, text that is not UTF-8.
+_REFUSED = (psycopg2.DataError, psycopg2.IntegrityError, ValueError)
+
+Tag = TypeVar("Tag")
+
+
 @dataclass(frozen=True)
 class WriteSummary:
     images: int
     results: int
+
+    def __add__(self, other: WriteSummary) -> WriteSummary:
+        return WriteSummary(self.images + other.images, self.results + other.results)
+
+
+def _refused(exc: Exception) -> RecordRefused:
+    if isinstance(exc, psycopg2.Error):
+        try:
+            name = psycopg2.errorcodes.lookup(exc.pgcode).lower()
+        except (KeyError, TypeError):
+            name = type(exc).__name__.lower()
+        detail = (exc.pgerror or str(exc)).strip()
+    else:
+        name, detail = "unquotable_value", str(exc)
+    return RecordRefused(f"db_{name}", " ".join(detail.split())[:500])
 
 
 def connect(dsn: str = "") -> connection:
@@ -156,7 +203,11 @@ def write_batch(
     images: Sequence[ImageMessage],
     results: Sequence[ResultMessage],
 ) -> WriteSummary:
-    """UPSERT a batch in one transaction; StoreUnavailable if PostgreSQL went away."""
+    """UPSERT a batch in one transaction (all or nothing).
+
+    StoreUnavailable if PostgreSQL went away or the table is not writable; RecordRefused if it
+    refused a value (nothing of the batch is stored then).
+    """
     images = _latest(images)
     results = _latest(results)
     try:
@@ -171,6 +222,38 @@ def write_batch(
                     (m.unique_id, m.inferred_value, m.score, m.model, m.inferred_at)
                     for m in results
                 ], template=UPSERT_RESULTS_TEMPLATE, page_size=1000)
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+    except (psycopg2.OperationalError, psycopg2.InterfaceError, *_NOT_WRITABLE) as exc:
         raise StoreUnavailable(str(exc).strip()) from exc
+    except _REFUSED as exc:
+        raise _refused(exc) from exc
     return WriteSummary(len(images), len(results))
+
+
+def write_isolating(
+    conn: connection,
+    tagged: Sequence[tuple[Tag, Message]],
+) -> tuple[WriteSummary, list[tuple[Tag, RecordRefused]]]:
+    """UPSERT ``(tag, message)`` pairs, storing all but the ones PostgreSQL refuses.
+
+    The whole batch is one transaction while nothing is refused; on a refusal it is halved and
+    each half written on its own, down to the single refused records, which come back with the
+    database's error (k bad records among n cost about 2k*log2(n) transactions). Halves keep the
+    batch's order, so the last message for a unique_id still wins. StoreUnavailable passes through:
+    the caller retries the batch, and the halves already committed are rewritten harmlessly.
+    """
+    if not tagged:
+        return WriteSummary(0, 0), []
+    try:
+        return write_batch(
+            conn,
+            [m for _, m in tagged if isinstance(m, ImageMessage)],
+            [m for _, m in tagged if isinstance(m, ResultMessage)],
+        ), []
+    except RecordRefused as exc:
+        if len(tagged) == 1:
+            return WriteSummary(0, 0), [(tagged[0][0], exc)]
+        log.info("PostgreSQL refused a value among %d records (%s): bisecting", len(tagged), exc)
+    middle = len(tagged) // 2
+    left, left_refused = write_isolating(conn, tagged[:middle])
+    right, right_refused = write_isolating(conn, tagged[middle:])
+    return left + right, left_refused + right_refused

@@ -1,9 +1,12 @@
 """The DB consumer against a real broker and a real PostgreSQL."""
 
+from dataclasses import replace
+from datetime import timedelta, timezone
+
 import psycopg2
 import pytest
 
-from iot_pipeline import db_consumer, store
+from iot_pipeline import db_consumer, messages, store
 from iot_pipeline.config import KafkaSettings
 from iot_pipeline.runtime import StopFlag
 
@@ -22,11 +25,11 @@ from harness import (
 pytestmark = pytest.mark.integration
 
 
-def make_consumer(bootstrap, topics, dsn, batch_size=50):
+def make_consumer(bootstrap, topics, dsn, batch_size=50, **extra):
     settings = db_consumer.Settings(
         kafka=KafkaSettings((bootstrap,), topics.images, topics.results, topics.dlq),
         group_id=f"db-{topics.images}", batch_size=batch_size, batch_linger_s=0.05, dsn=dsn,
-        expected_image_size=(32, 32), max_image_bytes=1 << 20,
+        expected_image_size=(32, 32), max_image_bytes=1 << 20, **extra,
     )
     return db_consumer.DbConsumer(settings, StopFlag())
 
@@ -112,3 +115,85 @@ def test_migrations_run_once_and_a_role_without_create_rights_can_still_start(pg
             cur.execute("DROP ROLE limited")
         conn.close()
     assert count(pg_dsn) == 1
+
+
+def test_values_postgresql_refuses_are_isolated_and_the_rest_is_stored(pg_dsn):
+    """Messages built in code skip decode's checks: the database's own refusal is the last line."""
+    conn = store.connect(pg_dsn)
+    store.migrate(conn)
+    far_east = timezone(timedelta(hours=20))
+    good = [image_message(f"ok-{i}", i) for i in range(9)]
+    bad = {
+        "nul": replace(image_message("nul"), ground_truth="app\x00le"),
+        "tz": replace(image_message("tz"), produced_at=messages.utc_now().astimezone(far_east)),
+        "real": replace(result_message("ok-3"), score=1e300),
+    }
+    tagged = [(m.unique_id, m) for m in good[:4]] + [("nul", bad["nul"])] + \
+        [(m.unique_id, m) for m in good[4:7]] + [("tz", bad["tz"]), ("real", bad["real"])] + \
+        [(m.unique_id, m) for m in good[7:]]
+    try:
+        summary, refused = store.write_isolating(conn, tagged)
+    finally:
+        conn.close()
+    reasons = {tag: error.reason for tag, error in refused}
+    assert reasons == {"nul": "db_unquotable_value",
+                       "tz": "db_invalid_time_zone_displacement_value",
+                       "real": "db_numeric_value_out_of_range"}
+    assert all(error.detail for _, error in refused)
+    assert summary == store.WriteSummary(images=9, results=0)
+    assert {r[0] for r in rows(pg_dsn)} == {f"ok-{i}" for i in range(9)}
+
+
+def test_a_record_the_database_refuses_is_dead_lettered_with_its_error_and_storage_goes_on(
+        kafka_bootstrap, kafka_topics, pg_dsn):
+    conn = store.connect(pg_dsn)
+    store.migrate(conn)
+    with conn, conn.cursor() as cur:  # a constraint decode cannot know about
+        cur.execute("ALTER TABLE iot_image_data ADD CONSTRAINT no_durian "
+                    "CHECK (ground_truth <> 'durian')")
+    conn.close()
+    values = [image_message(f"img-{i}", i, label="durian" if i in (3, 11) else "apple").to_bytes()
+              for i in range(20)]
+    produce(kafka_bootstrap, kafka_topics.images, values)
+    with running_in_thread(make_consumer(kafka_bootstrap, kafka_topics, pg_dsn)) as consumer:
+        wait_for(lambda: count(pg_dsn) == 18, 60, "the 18 rows PostgreSQL accepts")
+        wait_for(lambda: consumer.dead_letters.count == 2, 30, "two dead letters")
+        produce(kafka_bootstrap, kafka_topics.images, [image_message("after").to_bytes()])
+        wait_for(lambda: count(pg_dsn) == 19, 60, "a row after the refused ones")
+    dead = read_all(kafka_bootstrap, kafka_topics.dlq)
+    assert {headers(r)["dlq.reason"] for r in dead} == {"db_check_violation"}
+    assert all("no_durian" in headers(r)["dlq.detail"] for r in dead)
+    assert {messages.decode(r.value).unique_id for r in dead} == {"img-3", "img-11"}
+    assert consumer.dead_letters.by_reason == {"db_check_violation": 2}
+
+
+def test_an_unexpected_error_is_tried_a_bounded_number_of_times_then_dead_lettered(
+        kafka_bootstrap, kafka_topics, pg_dsn, monkeypatch):
+    real_write = store.write_isolating
+    calls_with_bug = []
+
+    def buggy_write(conn, tagged):
+        if any(m.unique_id == "bug" for _, m in tagged):
+            calls_with_bug.append(len(tagged))
+            raise KeyError("a bug that only this record triggers")
+        return real_write(conn, tagged)
+
+    monkeypatch.setattr(store, "write_isolating", buggy_write)
+    produce(kafka_bootstrap, kafka_topics.images,
+            [image_message(f"img-{i}").to_bytes() for i in range(5)]
+            + [image_message("bug").to_bytes()]
+            + [image_message(f"img-{i}").to_bytes() for i in range(5, 10)])
+    consumer = make_consumer(kafka_bootstrap, kafka_topics, pg_dsn, max_attempts=2)
+    with running_in_thread(consumer):
+        wait_for(lambda: count(pg_dsn) == 10, 60, "the ten good rows")
+        wait_for(lambda: consumer.dead_letters.count == 1, 30, "the dead letter")
+        produce(kafka_bootstrap, kafka_topics.images, [image_message("after").to_bytes()])
+        wait_for(lambda: count(pg_dsn) == 11, 60, "a row after the failing record")
+    (dead,) = read_all(kafka_bootstrap, kafka_topics.dlq)
+    assert headers(dead)["dlq.reason"] == "unexpected_KeyError"
+    assert "only this record" in headers(dead)["dlq.detail"]
+    assert messages.decode(dead.value).unique_id == "bug"
+    # Two attempts at the batch holding it, then one alone (if it had company); never more.
+    assert len(calls_with_bug) == 2 + (calls_with_bug[0] > 1)
+    assert calls_with_bug[-1] == 1
+    assert consumer.dead_letters.by_reason == {"unexpected_KeyError": 1}

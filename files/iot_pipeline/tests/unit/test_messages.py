@@ -68,6 +68,39 @@ def test_bad_messages_are_rejected_with_their_reason(value, reason):
     assert caught.value.reason == reason
 
 
+def result_payload(**overrides) -> dict:
+    payload = json.loads(ResultMessage("id-1", "tabby", 0.5, "m", NOW, (("tabby", 0.5),))
+                         .to_bytes())
+    payload.update(overrides)
+    return payload
+
+
+@pytest.mark.parametrize(("value", "detail"), [
+    # What PostgreSQL (or psycopg2) would refuse, caught before any transaction.
+    (encoded(image_payload(ground_truth="app\x00le")), "NUL"),
+    (encoded(image_payload(device_id="\ud800")), "surrogate"),
+    (encoded(image_payload(produced_at="2026-11-28T12:00:00+20:00")), "UTC offset"),
+    (encoded(result_payload(score=1e300)), "score must lie in"),
+    (encoded(result_payload(score=float("nan"))), "score must lie in"),
+    (encoded(result_payload(score=-0.5)), "score must lie in"),
+    (encoded(result_payload(score=1e-50)), "4-byte real"),
+    (encoded(result_payload(score=True)), "score must be a number"),
+    (b'{"schema": 1, "type": "result", "unique_id": "x", "inferred_value": "y", "model": "m", '
+     b'"inferred_at": "2026-11-28T12:00:00+00:00", "score": ' + b"9" * 5000 + b"}", "digits"),
+    (encoded(result_payload(top_k=[["a", 0.5, 1]])), "pairs"),
+    (encoded(result_payload(top_k="ab")), "top_k must be a list"),
+    (encoded(result_payload(top_k=[["a\x00", 0.5]])), "NUL"),
+    (encoded(result_payload(top_k=[["a", 2]])), "top_k score"),
+    (encoded(result_payload(model="m" * 201)), "longer than 200"),
+    (b"[" * 100_000 + b"]" * 100_000, ""),
+])
+def test_what_the_database_would_refuse_is_rejected_at_decode_time(value, detail):
+    with pytest.raises(InvalidMessage) as caught:
+        messages.decode(value, expected_size=(32, 32))
+    assert caught.value.reason in {"bad_field", "bad_json"}
+    assert detail in str(caught.value)
+
+
 def test_any_size_is_accepted_when_no_size_is_expected():
     payload = image_payload(image=base64.b64encode(png(48, 40)).decode())
     assert messages.decode(encoded(payload), expected_size=None).unique_id == "id-1"
