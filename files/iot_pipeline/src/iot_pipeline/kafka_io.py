@@ -200,8 +200,10 @@ class DeadLetters:
             ("dlq.source", where(record).encode()),
             ("dlq.group", self._group.encode()),
         ]
+        # Kafka takes no record without both key and value: a keyless tombstone gets an empty key.
+        key = b"" if record.key is None and record.value is None else record.key
         self._pending.append(self._producer.send(
-            self._topic, key=record.key, value=record.value, headers=headers,
+            self._topic, key=key, value=record.value, headers=headers,
         ))
         self.count += 1
 

@@ -55,12 +55,12 @@ class HttpServer:
         self.thread.join(10)
 
 
-def make_consumer(bootstrap, topics, port, batch_size=8):
+def make_consumer(bootstrap, topics, port, batch_size=8, **extra):
     settings = inference_consumer.Settings(
         kafka=KafkaSettings((bootstrap,), topics.images, topics.results, topics.dlq),
         ml_server_url=f"http://127.0.0.1:{port}", group_id=f"infer-{topics.images}",
         batch_size=batch_size, batch_timeout_s=0.05, request_timeout_s=10,
-        expected_image_size=(32, 32), max_image_bytes=1 << 20,
+        expected_image_size=(32, 32), max_image_bytes=1 << 20, **extra,
     )
     return inference_consumer.InferenceConsumer(settings, StopFlag())
 
@@ -136,3 +136,34 @@ def test_the_consumer_batches_more_than_one_image_per_request_under_load(
         wait_for(lambda: consumer.classified == 64, 60, "64 images")
     assert len(classifier.batches) <= 8
     assert np.mean(classifier.batches) >= 8
+
+
+def test_an_image_that_fails_unexpectedly_is_dead_lettered_after_bounded_attempts(
+        kafka_bootstrap, kafka_topics, monkeypatch):
+    real_result = inference_consumer._result
+    failures = []
+
+    def buggy_result(message, model, prediction, inferred_at):
+        if message.unique_id == "bug":
+            failures.append(message.unique_id)
+            raise IndexError("only this image breaks the result builder")
+        return real_result(message, model, prediction, inferred_at)
+
+    monkeypatch.setattr(inference_consumer, "_result", buggy_result)
+    port = free_port()
+    produce(kafka_bootstrap, kafka_topics.images,
+            [image_message(f"img-{i}", value=i).to_bytes() for i in range(6)]
+            + [image_message("bug").to_bytes()]
+            + [image_message(f"img-{i}", value=i).to_bytes() for i in range(6, 12)])
+    with HttpServer(port, MeanClassifier()), running_in_thread(
+            make_consumer(kafka_bootstrap, kafka_topics, port, max_attempts=2)) as consumer:
+        wait_for(lambda: consumer.classified == 12 and consumer.dead_letters.count == 1, 60,
+                 "12 results and one dead letter")
+        produce(kafka_bootstrap, kafka_topics.images, [image_message("after").to_bytes()])
+        wait_for(lambda: consumer.classified == 13, 60, "a result after the failing image")
+    (dead,) = read_all(kafka_bootstrap, kafka_topics.dlq)
+    assert headers(dead)["dlq.reason"] == "unexpected_IndexError"
+    assert messages.decode(dead.value).unique_id == "bug"
+    assert set(results_by_id(kafka_bootstrap, kafka_topics.results)) == {
+        *(f"img-{i}" for i in range(12)), "after"}
+    assert 2 <= len(failures) <= 3  # two attempts at its batch, then alone if it had company
