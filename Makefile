@@ -14,6 +14,17 @@ N ?= 100
 BENCH_ARGS ?=
 # Extra flags of bench/chaos.py for `make chaos` (e.g. CHAOS_ARGS="-n 5000 --scenarios poison").
 CHAOS_ARGS ?=
+# CIFAR-100 for `make train` / `make evaluate`: $IOT_DATASET_DIR, else ../shared/datasets/cifar-100
+# beside the repository when it exists, else the official archive (downloaded once).
+DATASET ?= $(or $(IOT_DATASET_DIR),$(wildcard $(CURDIR)/../shared/datasets/cifar-100),download)
+# The model `make train` writes and `make evaluate` scores (PREFIX.card.json, PREFIX.weights.npz).
+MODEL ?= files/models/resnet50-cifar100
+# Checkpoints of `make train` (outside the work tree, so a fresh checkout can resume a run).
+TRAIN_DIR ?= $(HOME)/.cache/iot-pipeline/train/resnet50-cifar100
+# Extra flags of iot-train (e.g. TRAIN_ARGS="--epochs 30 --stop-after 5"); iot-train --help.
+TRAIN_ARGS ?=
+# Test images `make evaluate` scores (0 = all 10,000).
+EVAL_N ?= 0
 # Molecule scenario for `make molecule`.
 SCENARIO ?= default
 
@@ -71,6 +82,15 @@ accuracy: ## per-model accuracy report and plot (bench/results/accuracy.png)
 
 down: ## remove the local containers and their network
 	$(PLAYBOOK) playbooks/local-hosts.yml -e local_hosts_state=absent
+
+# --- the model -------------------------------------------------------------------------------
+.PHONY: train evaluate
+train: venv ## train the CIFAR-100 ResNet-50 (resumable, ~2 h on 2 cores), export MODEL
+	iot-train --data $(DATASET) --run-dir $(TRAIN_DIR) --export $(MODEL) $(TRAIN_ARGS)
+
+evaluate: venv ## top-1/top-5 of MODEL on the test split (EVAL_N images), confusion PNG
+	iot-evaluate $(MODEL).card.json --data $(DATASET) --limit $(EVAL_N) \
+		--plot bench/results/confusion-$(notdir $(MODEL)).png
 
 # --- benchmark --------------------------------------------------------------------------------
 .PHONY: bench chaos

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create / update the controller virtualenv: the pinned tools of requirements.txt, the pipeline
-# package (editable, with its db/ml/test extras) and the collections of requirements.yml.
+# package (editable, with its db/ml/test/train extras) and the collections of requirements.yml.
 # Idempotent and fast on a rerun: pip runs only when requirements.txt or the package's
 # pyproject.toml changed (hash stamp in the venv), Galaxy only when a collection is missing.
 #
@@ -48,7 +48,7 @@ fi
 pip_args=(-r "$REQUIREMENTS")
 hash_inputs=("$REQUIREMENTS")
 if [[ -f "$PACKAGE/pyproject.toml" ]]; then
-    pip_args+=(-e "${PACKAGE}[db,ml,test]")
+    pip_args+=(-e "${PACKAGE}[db,ml,test,train]")
     hash_inputs+=("$PACKAGE/pyproject.toml")
 fi
 want="$( { "$VENV/bin/python" --version; cat "${hash_inputs[@]}"; } | sha256sum | cut -d' ' -f1)"

@@ -1,6 +1,7 @@
 """End to end: the images the simulator sent on deploy are all in the database with a prediction,
 nothing went to the dead-letter topic, and playbooks/simulate.yml sends more that arrive as well."""
 
+import json
 import os
 import subprocess
 import time
@@ -113,3 +114,28 @@ def test_simulate_more_images(host):
     time.sleep(POLL_S)
     assert row_counts(host) == {"total": total, "complete": total, "distinct": total}
     assert dead_letter_messages(tier(host, "kafka")) == 0
+
+
+# The model the ml role deploys by default: the repo's CIFAR-100 ResNet-50 and its card.
+CARD = json.loads((PROJECT_DIR / "files/models/resnet50-cifar100.card.json").read_text())
+
+PREDICTIONS_SQL = (
+    f"SELECT model_name, count(*), count(*) FILTER (WHERE inferred_value = ground_truth), "
+    f"string_agg(DISTINCT inferred_value, '|') FROM {TABLE} "
+    f"WHERE inferred_value IS NOT NULL AND ground_truth IS NOT NULL GROUP BY model_name"
+)
+
+
+def test_rows_carry_cifar100_labels_and_mostly_right_ones(host):
+    wait_for_rows(host, FIRST_RUN)
+    result = psql_postgres(host, PREDICTIONS_SQL)
+    assert result.rc == 0, result.stderr
+    (line,) = result.stdout.strip().splitlines()  # one model classified every row
+    model, rows, agreeing, labels = line.split("|", 3)
+    assert model == CARD["name"]
+    assert set(labels.split("|")) <= set(CARD["labels"])
+    # Random weights agree on 1 % of 100 classes (P(>= 30 % of 200) is astronomically small);
+    # the card's model on ~test_top1; 200 images leave it +-7 points at 2 sigma.
+    top1 = int(agreeing) / int(rows)
+    assert int(rows) >= FIRST_RUN
+    assert top1 >= CARD["test_top1"] - 0.12, f"top-1 {top1:.3f} vs card {CARD['test_top1']}"

@@ -46,7 +46,8 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 # Rows with a prediction, per model: how many, how many have their image's ground truth, how
-# many agree with it, how many predictions are ground-truth names, and the most common labels.
+# many agree with it, how many predictions are ground-truth names, the most common labels, and
+# per ground-truth class the images and the agreeing predictions.
 QUERY = """
 WITH classified AS (
     SELECT coalesce(model_name, '(unknown)') AS model, ground_truth, inferred_value
@@ -57,6 +58,10 @@ WITH classified AS (
     SELECT model, inferred_value AS label, count(*) AS n,
            row_number() OVER (PARTITION BY model ORDER BY count(*) DESC, inferred_value) AS rank
     FROM classified GROUP BY model, inferred_value
+), per_class AS (
+    SELECT model, ground_truth AS label, count(*) AS n,
+           count(*) FILTER (WHERE inferred_value = ground_truth) AS agreeing
+    FROM classified WHERE ground_truth IS NOT NULL GROUP BY model, ground_truth
 )
 SELECT c.model,
        count(*) AS classified,
@@ -65,7 +70,9 @@ SELECT c.model,
        count(*) FILTER (WHERE c.inferred_value IN (SELECT label FROM truth)) AS in_truth_labels,
        (SELECT count(*) FROM truth) AS truth_labels,
        (SELECT json_agg(json_build_array(p.label, p.n) ORDER BY p.rank)
-          FROM per_label p WHERE p.model = c.model AND p.rank <= %(top)s) AS top_labels
+          FROM per_label p WHERE p.model = c.model AND p.rank <= %(top)s) AS top_labels,
+       (SELECT json_agg(json_build_array(k.label, k.n, k.agreeing) ORDER BY k.label)
+          FROM per_class k WHERE k.model = c.model) AS per_class
 FROM classified c
 GROUP BY c.model
 ORDER BY c.model
@@ -87,6 +94,8 @@ class ModelReport:
     in_truth_labels: int
     label_set: str
     top_labels: list[tuple[str, int]] = field(default_factory=list)
+    # (ground-truth class, images, agreeing predictions), by class name.
+    per_class: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def agreement(self) -> float | None:
@@ -100,6 +109,7 @@ class ModelReport:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["top_labels"] = [list(pair) for pair in self.top_labels]
+        data["per_class"] = [list(row) for row in self.per_class]
         data["top1_agreement"] = self.agreement
         data["most_common_share"] = self.most_common_share
         return data
@@ -129,13 +139,15 @@ def aggregate(rows: Iterable[Sequence[Any]], generated_at: str | None = None) ->
     """Turn :data:`QUERY`'s rows into a report."""
     models = []
     truth_labels = 0
-    for model, classified, with_truth, agreeing, in_truth, truths, top in rows:
+    for model, classified, with_truth, agreeing, in_truth, truths, top, *rest in rows:
+        per_class = rest[0] if rest else None
         truth_labels = int(truths)
         models.append(ModelReport(
             model=str(model), classified=int(classified), with_ground_truth=int(with_truth),
             agreeing=int(agreeing), in_truth_labels=int(in_truth),
             label_set=label_set(int(classified), int(in_truth)),
             top_labels=[(str(label), int(n)) for label, n in (top or [])],
+            per_class=[(str(label), int(n), int(ok)) for label, n, ok in (per_class or [])],
         ))
     return Report(generated_at or datetime.now(UTC).isoformat(timespec="seconds"),
                   truth_labels, models)
@@ -151,6 +163,7 @@ def from_json(data: Mapping[str, Any]) -> Report:
             with_ground_truth=m["with_ground_truth"], agreeing=m["agreeing"],
             in_truth_labels=m["in_truth_labels"], label_set=m["label_set"],
             top_labels=[(label, n) for label, n in m["top_labels"]],
+            per_class=[(label, n, ok) for label, n, ok in m.get("per_class", [])],
         ) for m in data["models"]]
         return Report(data["generated_at"], data["truth_labels"], models)
     except (KeyError, TypeError, ValueError) as exc:
@@ -226,16 +239,31 @@ def render(report: Report) -> str:
 
 
 def plot(report: Report, path: Path) -> Path:
-    """Bar chart per model: agreement for CIFAR-100 models, the top labels otherwise."""
+    """A panel per model: per-class top-1 for CIFAR-100 models, the top labels otherwise."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a controller or in CI
     import matplotlib.pyplot as plt
 
     panels = max(1, len(report.models))
-    fig, axes = plt.subplots(panels, 1, figsize=(8, 1.5 + 3 * panels), squeeze=False)
+    wide = any(m.label_set == CIFAR100 and m.per_class for m in report.models)
+    fig, axes = plt.subplots(panels, 1, figsize=(16 if wide else 8, 1.5 + 4 * panels),
+                             squeeze=False)
     for ax, model in zip(axes[:, 0], report.models, strict=False):
-        if model.label_set == CIFAR100:
+        if model.label_set == CIFAR100 and model.per_class:
+            ranked = sorted(model.per_class, key=lambda row: (row[2] / row[1], row[0]))
+            shares = [ok / n for _label, n, ok in ranked]
+            ax.bar(range(len(ranked)), shares, color="tab:green")
+            ax.set_xticks(range(len(ranked)), [row[0] for row in ranked], rotation=90,
+                          fontsize=6)
+            ax.axhline(model.agreement or 0, color="grey", linestyle=":",
+                       label=f"all classes: {_percent(model.agreement)}")
+            ax.set(ylim=(0, 1), ylabel="top-1 agreement",
+                   title=f"{model.model}: top-1 agreement {_percent(model.agreement)} of "
+                         f"{model.with_ground_truth}, per ground-truth class "
+                         f"({len(ranked)} classes, lowest first)")
+            ax.legend(loc="upper left", fontsize=8)
+        elif model.label_set == CIFAR100:
             wrong = model.with_ground_truth - model.agreeing
             ax.barh(["agree", "disagree"], [model.agreeing, wrong], color=["tab:green", "tab:red"])
             ax.set_title(f"{model.model}: top-1 agreement {_percent(model.agreement)} "

@@ -27,14 +27,15 @@ from werkzeug.exceptions import HTTPException
 from iot_pipeline import config
 from iot_pipeline.config import Option
 from iot_pipeline.messages import MAX_IMAGE_PIXELS, InvalidMessage, decode_image
+from iot_pipeline.resnet import DEFAULT_CARD
 from iot_pipeline.runtime import configure_logging
 
 log = logging.getLogger("iot_pipeline.ml_server")
 
 OPTIONS: tuple[Option, ...] = (
     Option("weights", "IOT_ML_WEIGHTS",
-           "'imagenet' (Keras download), 'none' (random, for tests) or a weights file path",
-           default="imagenet"),
+           "a model card (*.card.json, or its weights file beside it), 'imagenet' (Keras "
+           "download) or 'random' (tests only)", default=DEFAULT_CARD),
     Option("top_k", "IOT_ML_TOP_K", "labels returned per image", config.positive_int,
            default="5"),
     Option("max_batch", "IOT_ML_MAX_BATCH", "most images in one request", config.positive_int,
@@ -43,8 +44,9 @@ OPTIONS: tuple[Option, ...] = (
            config.positive_int, default=str(16 * 1024 * 1024)),
     Option("tf_threads", "IOT_ML_TF_THREADS", "TensorFlow intra-op threads (0: one per core)",
            config.non_negative_int, default="0"),
-    Option("input_size", "IOT_ML_INPUT_SIZE", "model input edge in pixels", config.positive_int,
-           default="224"),
+    Option("input_size", "IOT_ML_INPUT_SIZE",
+           "input edge of the 'imagenet'/'random' models (a card sets its own)",
+           config.positive_int, default="224"),
     Option("log_level", "IOT_LOG_LEVEL", "logging level", default="INFO"),
 )
 
@@ -53,7 +55,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 @dataclass(frozen=True)
 class Settings:
-    weights: str = "imagenet"
+    weights: str = DEFAULT_CARD
     top_k: int = 5
     max_batch: int = 64
     max_request_bytes: int = 16 * 1024 * 1024
@@ -201,7 +203,9 @@ def create_app(
         if classifier is None:
             status = "failed" if state["error"] else "loading"
             return jsonify({"status": status, "error": state["error"]}), 503
-        return jsonify({"status": "ok", "model": classifier.name})
+        return jsonify({"status": "ok", "model": classifier.name,
+                        "version": getattr(classifier, "version", ""),
+                        "labels": len(getattr(classifier, "labels", ()))})
 
     @app.get("/metrics")
     def prometheus():

@@ -1,8 +1,16 @@
-"""ML host: the Keras ResNet-50 classifier behind the ML server, called as one compiled graph.
+"""ML host: the classifier behind the ML server, called as one compiled graph.
 
-CIFAR images (32x32) are resized to the model's input inside the graph, so a batch of raw
-uint8 pixels goes in and class probabilities come out in one call; ``model.predict`` is
-avoided because its per-call set-up costs more than a whole small batch.
+Three kinds of model, chosen by ``weights``:
+
+* a **model card** path (``*.card.json``, the default): the repo's CIFAR-100 ResNet-50 (or a
+  user's own weights of the same network), built from the card at the card's input size, its
+  weights checked against the card's sha256; answers the card's labels (CIFAR-100 names);
+* ``imagenet``: Keras' ImageNet ResNet-50 (downloads its weights once; needs internet), at
+  ``input_size`` (224), CIFAR images resized to it inside the graph; ImageNet labels;
+* ``random``: the same ImageNet-shaped network with random weights, for tests only.
+
+A batch of raw uint8 pixels goes in and class probabilities come out in one ``tf.function``
+call; ``model.predict`` is avoided because its per-call set-up costs more than a small batch.
 """
 
 from __future__ import annotations
@@ -17,13 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from iot_pipeline import resnet
+from iot_pipeline.resnet import DEFAULT_CARD, ModelError
+
 log = logging.getLogger(__name__)
 
 IMAGENET_CLASSES = 1000
-
-
-class ModelError(RuntimeError):
-    """The model cannot be built or its weights cannot be loaded."""
 
 
 def imagenet_labels() -> tuple[str, ...]:
@@ -40,9 +47,10 @@ class Prediction:
 
 
 class Classifier:
-    """ResNet-50 with ImageNet, file or random weights; thread-safe ``classify``."""
+    """A model card's ResNet-50, or the ImageNet-shaped one; thread-safe ``classify``."""
 
-    def __init__(self, weights: str = "none", input_size: int = 224, tf_threads: int = 0) -> None:
+    def __init__(self, weights: str = DEFAULT_CARD, input_size: int = 224,
+                 tf_threads: int = 0) -> None:
         if tf_threads:
             os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(tf_threads))
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -53,41 +61,58 @@ class Classifier:
             tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
             tf.config.threading.set_inter_op_parallelism_threads(1)
         started = time.monotonic()
-        self.input_size = input_size
-        self.labels = imagenet_labels()
-        if weights == "imagenet":
-            keras_weights, self.name = "imagenet", "resnet50-imagenet"
-        elif weights == "none":
-            keras_weights, self.name = None, "resnet50-random"
+        self.card: dict | None = None
+        if weights in {"imagenet", "random", "none"}:
+            model, preprocess = self._imagenet_shaped(keras, weights, input_size)
         else:
-            path = Path(weights)
-            if not path.is_file():
-                raise ModelError(f"weights file {weights!r} does not exist")
-            keras_weights, self.name = str(path), f"resnet50-{path.name.split('.')[0]}"
-        try:
-            model = keras.applications.ResNet50(
-                weights=keras_weights, input_shape=(input_size, input_size, 3),
-                classes=IMAGENET_CLASSES,
-            )
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load ResNet-50 weights {weights!r}: {exc}") from exc
-        preprocess = keras.applications.resnet50.preprocess_input
-        size = (input_size, input_size)
+            model, preprocess = self._from_card(weights)
+        self.input_size = model.input_shape[1]
+        size = (self.input_size, self.input_size)
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)],
                      jit_compile=False)
         def forward(pixels):
-            x = tf.image.resize(tf.cast(pixels, tf.float32), size, method="bilinear")
+            x = tf.cast(pixels, tf.float32)
+            x = tf.cond(tf.reduce_all(tf.shape(x)[1:3] == size), lambda: x,
+                        lambda: tf.image.resize(x, size, method="bilinear"))
             return model(preprocess(x), training=False)
 
         self._forward = forward
         # Trace and warm up once so the first request does not pay for it.
         self._forward(np.zeros((1, 32, 32, 3), np.uint8))
         self.load_seconds = time.monotonic() - started
-        log.info("model %s ready in %.1fs", self.name, self.load_seconds)
+        log.info("model %s (version %s, %d labels, %d px) ready in %.1fs", self.name,
+                 self.version, len(self.labels), self.input_size, self.load_seconds)
+
+    def _imagenet_shaped(self, keras, weights: str, input_size: int):
+        self.labels = imagenet_labels()
+        if weights == "imagenet":
+            self.name, self.version = "resnet50-imagenet", "keras-imagenet"
+        else:
+            self.name, self.version = "resnet50-random", "random"
+        try:
+            model = keras.applications.ResNet50(
+                weights="imagenet" if weights == "imagenet" else None,
+                input_shape=(input_size, input_size, 3), classes=IMAGENET_CLASSES,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load ResNet-50 weights {weights!r}: {exc}") from exc
+        return model, keras.applications.resnet50.preprocess_input
+
+    def _from_card(self, weights: str):
+        """``weights``: a model card, or a weights file with its card beside it."""
+        path = Path(weights)
+        card_path = path if path.name.endswith(".card.json") else resnet.card_path_for(path)
+        model, card = resnet.model_from_card(
+            card_path, None if path == card_path else path)
+        self.card = card
+        self.labels = tuple(card["labels"])
+        self.name = card.get("name") or card_path.name.removesuffix(".card.json")
+        self.version = card["sha256"][:12]
+        return model, lambda x: x  # scaling and normalisation are layers of the model
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 -> (N, 1000) float32 probabilities."""
+        """(N, H, W, 3) uint8 -> (N, classes) float32 probabilities."""
         return self._forward(pixels).numpy()
 
     def classify(self, pixels: np.ndarray, top_k: int = 5) -> list[Prediction]:

@@ -51,6 +51,9 @@ def test_report_counts_and_agreement_per_model(pg_dsn):
     assert (cifar.classified, cifar.with_ground_truth, cifar.agreeing) == (20, 20, 15)
     assert cifar.label_set == accuracy.CIFAR100
     assert cifar.agreement == pytest.approx(0.75)
+    # Per ground-truth class: images and agreeing predictions, summing to the totals.
+    # (images 15-19 are wrong, one of each class), by class name.
+    assert cifar.per_class == [(label, 4, 3) for label in sorted(CIFAR)]
     assert (imagenet.classified, imagenet.with_ground_truth) == (21, 20)
     # in-13 shows a lion (13 % 5 == 3) and the model said lion; in-12 shows a castle.
     assert (imagenet.agreeing, imagenet.in_truth_labels) == (1, 2)
