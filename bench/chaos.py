@@ -13,7 +13,8 @@ drains, then a checker compares the ack log with iot_image_data:
 
 Scenarios: 1 kill -9 the inference consumer every 10 s; 2 the same for the DB consumer; 3 kill -9
 the gunicorn worker once, then restart the ML server; 4 restart the Kafka broker; 5 stop
-PostgreSQL for 30 s; 6 1 % poison messages; 7 restart the ML host's container.
+PostgreSQL for 30 s; 6 1 % poison messages (17 kinds, images and results topics, see
+POISON_SNIPPET); 7 restart the ML host's container.
 
 Writes bench/results/chaos-<stamp>.json and prints a table. Run from the repository root with
 the controller venv (PATH=.venv/bin:$PATH).
@@ -70,13 +71,18 @@ print(json.dumps(out))
 # 1 % poison: every kind the consumers must dead-letter. The roles set IOT_MAX_IMAGE_BYTES to
 # 512 KiB (pipeline_max_image_bytes), below the broker's message.max.bytes (~1 MiB), so the
 # oversized case (700 kB of random bytes, 933 kB of base64) reaches the consumers and is refused
-# there as image_too_large before it is decoded.
+# there as image_too_large before it is decoded. Image kinds go to the images topic (both groups
+# must dead-letter them), result kinds to the results topic (only the DB writers read it); the
+# values PostgreSQL would refuse (NUL, surrogates, a score no real holds, a +20:00 offset) are
+# refused at decode time. orphan_result is no poison: a valid result for an image that never
+# came, which must be stored (a row with only the result) and dead-lettered by no one.
 POISON_SNIPPET = """
 import base64, io, json, os, sys, time, uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from kafka import KafkaProducer
 from PIL import Image
-bootstrap, topic, run_id, count, spacing = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+bootstrap, topic, results_topic, run_id, count, spacing = (sys.argv[1], sys.argv[2], sys.argv[3],
+    sys.argv[4], int(sys.argv[5]), float(sys.argv[6]))
 p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=2 * 1024 * 1024)
 def png(size):
     buf = io.BytesIO(); Image.new("RGB", size, (120, 30, 200)).save(buf, format="PNG"); return buf.getvalue()
@@ -89,20 +95,40 @@ def msg(**over):
     for k in [k for k, v in m.items() if v is None]:
         del m[k]
     return json.dumps(m).encode()
-kinds = {
-    "bad_json": lambda: b'{"schema": 1, "type": "image", "unique_id": ',
-    "bad_base64": lambda: msg(image="not*base64!!"),
-    "truncated_png": lambda: msg(image=base64.b64encode(good[: len(good) // 2]).decode()),
-    "wrong_size": lambda: msg(image=base64.b64encode(png((64, 48))).decode()),
-    "oversized_700kB": lambda: msg(image=base64.b64encode(os.urandom(700_000)).decode()),
-    "missing_field": lambda: msg(ground_truth=None),
+def result(key, **over):
+    m = {"schema": 1, "type": "result", "unique_id": key, "inferred_value": "tabby",
+         "score": 0.5, "model": "chaos", "inferred_at": datetime.now(timezone.utc).isoformat(),
+         "top_k": [["tabby", 0.5]]}
+    m.update(over)
+    return json.dumps(m).encode()
+far_east = timezone(timedelta(hours=20))
+kinds = {  # name: (topic, value from the record's key)
+    "bad_json": (topic, lambda k: b'{"schema": 1, "type": "image", "unique_id": '),
+    "bad_base64": (topic, lambda k: msg(image="not*base64!!")),
+    "truncated_png": (topic, lambda k: msg(image=base64.b64encode(good[: len(good) // 2]).decode())),
+    "wrong_size": (topic, lambda k: msg(image=base64.b64encode(png((64, 48))).decode())),
+    "oversized_700kB": (topic, lambda k: msg(image=base64.b64encode(os.urandom(700_000)).decode())),
+    "missing_field": (topic, lambda k: msg(ground_truth=None)),
+    "nul_ground_truth": (topic, lambda k: msg(ground_truth="app\\u0000le")),
+    "surrogate_device_id": (topic, lambda k: msg(device_id="\\ud800")),
+    "overlong_unique_id": (topic, lambda k: msg(unique_id="x" * 5000)),
+    "utc_offset_20h": (topic, lambda k: msg(produced_at=datetime.now(far_east).isoformat())),
+    "json_int_5000_digits": (topic, lambda k: b'{"schema": 1, "type": "image", "unique_id": '
+                             + b"9" * 5000 + b"}"),
+    "tombstone": (topic, lambda k: None),
+    "result_score_1e300": (results_topic, lambda k: result(k, score=1e300)),
+    "result_score_nan": (results_topic, lambda k: result(k, score=float("nan"))),
+    "result_nul_label": (results_topic, lambda k: result(k, inferred_value="tab\\u0000by")),
+    "result_bad_top_k": (results_topic, lambda k: result(k, top_k=[["tabby", 0.5, "extra"]])),
+    "orphan_result": (results_topic, lambda k: result(k)),
 }
 names = sorted(kinds)
 sent = {}
 for i in range(count):
     kind = names[i % len(names)]
     key = f"poison-{run_id}-{i}-{kind}"
-    p.send(topic, key=key.encode(), value=kinds[kind]()).get(timeout=120)
+    where, value = kinds[kind]
+    p.send(where, key=key.encode(), value=value(key)).get(timeout=120)
     sent[key] = kind
     time.sleep(spacing)
 p.flush()
@@ -179,9 +205,11 @@ class Simulator:
         return [line for line in text.splitlines() if line.strip()]
 
 
-def check(acked: list[str], start_id: int) -> dict:
-    """The checker: ack log vs iot_image_data (temp table, one psql session)."""
+def check(acked: list[str], start_id: int, extra: list[str] = ()) -> dict:
+    """The checker: ack log vs iot_image_data (temp table, one psql session). ``extra``: ids
+    that may create rows besides the acknowledged ones (the poison scenario's orphan results)."""
     ids = "\n".join(acked)
+    extra_ids = "\n".join(extra)
     sql = f"""
 SELECT
   (SELECT count(*) FROM acked a WHERE NOT EXISTS (SELECT 1 FROM iot_image_data d WHERE d.unique_id = a.u)),
@@ -192,16 +220,22 @@ SELECT
   (SELECT count(*) FROM (SELECT d.unique_id FROM iot_image_data d JOIN acked a ON d.unique_id = a.u
      GROUP BY d.unique_id HAVING count(*) > 1) x),
   (SELECT count(*) FROM iot_image_data d WHERE d.id > {start_id}
-     AND NOT EXISTS (SELECT 1 FROM acked a WHERE a.u = d.unique_id)),
+     AND NOT EXISTS (SELECT 1 FROM acked a WHERE a.u = d.unique_id)
+     AND NOT EXISTS (SELECT 1 FROM extra e WHERE e.u = d.unique_id)),
   (SELECT string_agg(d.unique_id, ',') FROM (SELECT unique_id FROM iot_image_data d WHERE d.id > {start_id}
-     AND NOT EXISTS (SELECT 1 FROM acked a WHERE a.u = d.unique_id) LIMIT 5) d);
+     AND NOT EXISTS (SELECT 1 FROM acked a WHERE a.u = d.unique_id)
+     AND NOT EXISTS (SELECT 1 FROM extra e WHERE e.u = d.unique_id) LIMIT 5) d),
+  (SELECT count(*) FROM extra e JOIN iot_image_data d ON d.unique_id = e.u
+     WHERE d.inferred_value IS NOT NULL);
 """
-    prelude = f"CREATE TEMP TABLE acked (u text PRIMARY KEY);\nCOPY acked FROM STDIN;\n{ids}\n\\.\n"
-    missing, incomplete, complete, dup, unexpected, sample = psql(sql, prelude)[0]
+    prelude = (f"CREATE TEMP TABLE acked (u text PRIMARY KEY);\nCOPY acked FROM STDIN;\n{ids}\n\\.\n"
+               f"CREATE TEMP TABLE extra (u text PRIMARY KEY);\nCOPY extra FROM STDIN;\n{extra_ids}\n\\.\n")
+    missing, incomplete, complete, dup, unexpected, sample, extra_stored = psql(sql, prelude)[0]
     return {"acked": len(acked), "stored_complete": int(complete), "lost_no_row": int(missing),
             "lost_incomplete": int(incomplete), "lost": int(missing) + int(incomplete),
             "duplicated": int(dup), "unexpected": int(unexpected),
-            "unexpected_sample": sample.split(",") if sample else []}
+            "unexpected_sample": sample.split(",") if sample else [],
+            "extra_stored": int(extra_stored)}
 
 
 def complete_since(start_id: int) -> int:
@@ -275,11 +309,23 @@ def ml_container_restart(ctx: Ctx) -> None:
     ctx.event("units active again", after_s=round(wait_units_active(), 1))
 
 
+# Which consumer groups must dead-letter each poison kind (see POISON_SNIPPET), by its prefix.
+POISON_GROUPS = {"result_": ("iot-db-writer",), "orphan_": ()}
+POISON_KINDS = 17
+
+
+def poison_groups(kind: str) -> tuple[str, ...]:
+    for prefix, groups in POISON_GROUPS.items():
+        if kind.startswith(prefix):
+            return groups
+    return ("iot-inference", "iot-db-writer")
+
+
 def poison(ctx: Ctx) -> None:
-    count = max(6, round(ctx.n / 100))
+    count = max(POISON_KINDS, round(ctx.n / 100))
     spacing = 0.8 * ctx.produce_s / count
-    out = sh(SIM, VENV_PY, "-c", POISON_SNIPPET, BOOTSTRAP, "iot-images", ctx.run_id,
-             str(count), f"{spacing:.3f}")
+    out = sh(SIM, VENV_PY, "-c", POISON_SNIPPET, BOOTSTRAP, "iot-images", "iot-results",
+             ctx.run_id, str(count), f"{spacing:.3f}")
     ctx.poison_sent = json.loads(out.strip().splitlines()[-1])
     ctx.event("poison sent", count=len(ctx.poison_sent))
 
@@ -338,7 +384,8 @@ def scenario(name: str, images: int, rate: float, drain_timeout_s: float, stall_
         elif time.monotonic() - last_change > stall_s and not inactive_units():
             break
         time.sleep(2)
-    figures = check(acked, start_id)
+    orphans = [k for k, kind in getattr(ctx, "poison_sent", {}).items() if not poison_groups(kind)]
+    figures = check(acked, start_id, orphans)
     after = dlq(dlq_before)
     records = after["records"]
     restarts_after = restarts()
@@ -364,10 +411,16 @@ def scenario(name: str, images: int, rate: float, drain_timeout_s: float, stall_
         groups = sorted({r["group"] for r in records if r["group"]} | {"iot-inference", "iot-db-writer"})
         per_group = {g: {r["key"] for r in records if r["group"] == g and r["key"] in sent}
                      for g in groups}
+        due = {g: {k for k, kind in sent.items() if g in poison_groups(kind)} for g in groups}
         result["poison"] = {
             "sent": len(sent), "kinds": sorted(set(sent.values())),
             "dead_lettered_per_group": {g: len(k) for g, k in per_group.items()},
-            "all_dead_lettered": all(len(k) == len(sent) for k in per_group.values()),
+            "due_per_group": {g: len(k) for g, k in due.items()},
+            "all_dead_lettered": all(due[g] <= per_group[g] for g in groups),
+            "not_dead_lettered": sorted(k for g in groups for k in due[g] - per_group[g])[:20],
+            # Every dead letter of a poison record was due (an orphan result is none).
+            "wrongly_dead_lettered": sorted(k for g in groups for k in per_group[g] - due[g]),
+            "orphan_results": {"sent": len(orphans), "stored": figures["extra_stored"]},
             "reasons": sorted({f"{sent[r['key']]}->{r['reason']}" for r in records
                                if r["key"] in sent}),
             "dlq_not_poison": sum(1 for r in records if r["key"] not in sent),
