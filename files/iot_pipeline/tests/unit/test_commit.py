@@ -1,6 +1,12 @@
 """Offset commits that Kafka refuses are logged, never fatal (the next commit covers them)."""
 
-from kafka.errors import CommitFailedError, KafkaConnectionError
+import pytest
+from kafka.errors import (
+    CommitFailedError,
+    FencedInstanceIdError,
+    KafkaConnectionError,
+    RebalanceInProgressError,
+)
 
 from iot_pipeline import kafka_io
 
@@ -19,7 +25,8 @@ class RefusingConsumer:
 
 
 def test_a_refused_commit_is_reported_not_raised(caplog):
-    for error in (KafkaConnectionError("111 ECONNREFUSED"), CommitFailedError("rebalanced")):
+    for error in (KafkaConnectionError("111 ECONNREFUSED"), CommitFailedError("rebalanced"),
+                  RebalanceInProgressError("rejoining")):
         consumer = RefusingConsumer(error)
         assert kafka_io.commit(consumer, {"tp": 1}) is False
         assert consumer.calls == [{"tp": 1}]
@@ -30,3 +37,9 @@ def test_a_successful_commit_returns_true():
     consumer = RefusingConsumer(None)
     assert kafka_io.commit(consumer) is True
     assert consumer.calls == [None]
+
+
+def test_a_fenced_static_member_stops():
+    """Another process took this group_instance_id: carrying on would fight over partitions."""
+    with pytest.raises(FencedInstanceIdError):
+        kafka_io.commit(RefusingConsumer(FencedInstanceIdError()))

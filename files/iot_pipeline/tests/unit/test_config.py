@@ -55,3 +55,16 @@ def test_the_sasl_password_is_not_in_the_settings_repr():
         "SCRAM-SHA-512", "IOT_KAFKA_SASL_USERNAME": "u", "IOT_KAFKA_SASL_PASSWORD": "s3cret"})[0]
     assert "s3cret" not in repr(settings)
     assert settings.kafka.client_config()["sasl_plain_password"] == "s3cret"
+
+
+def test_consumer_group_settings_come_from_the_environment():
+    settings = inference_consumer.load_settings([], {
+        **BASE, "IOT_KAFKA_GROUP_INSTANCE_ID": "ml-1-iot-inference-consumer",
+        "IOT_KAFKA_SESSION_TIMEOUT_MS": "12000", "IOT_MAX_ATTEMPTS": "5"})
+    assert (settings.group_instance_id, settings.session_timeout_ms, settings.max_attempts) == (
+        "ml-1-iot-inference-consumer", 12000, 5)
+    defaults = db_consumer.load_settings([], BASE)[0]
+    assert (defaults.group_instance_id, defaults.session_timeout_ms, defaults.max_attempts) == (
+        None, 10000, 3)
+    with pytest.raises(ConfigError, match="IOT_MAX_ATTEMPTS"):
+        db_consumer.load_settings([], {**BASE, "IOT_MAX_ATTEMPTS": "0"})
