@@ -93,7 +93,10 @@ evaluate: venv ## top-1/top-5 of MODEL on the test split (EVAL_N images), confus
 		--plot bench/results/confusion-$(notdir $(MODEL)).png
 
 # --- benchmark --------------------------------------------------------------------------------
-.PHONY: bench chaos
+.PHONY: bench bench-model chaos
+bench-model: venv ## the served model alone at batch 1/8/64 (JSON in bench/reports/)
+	python bench/model_alone.py --imagenet-shaped
+
 bench: deps ## measure host limit, model alone, pipeline, seed-style; JSON + plots in bench/results
 	python bench/run.py $(BENCH_ARGS)
 

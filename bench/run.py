@@ -53,8 +53,12 @@ MODEL_FLOPS = """
 import json, os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import keras
-size = int(sys.argv[1])
-model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3))
+size, stem = int(sys.argv[1]), sys.argv[2]
+if stem == "imagenet":
+    model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3))
+else:  # the served CIFAR-100 network (iot_pipeline.resnet): a 3x3/1 stem, 100 classes
+    from iot_pipeline import resnet
+    model = resnet.build(100, size, stem)
 macs = {"conv2d": 0, "dense": 0}
 for layer in model.layers:
     if isinstance(layer, keras.layers.Conv2D):
@@ -125,11 +129,11 @@ def wait_idle(db: Db, timeout_s: float = 600) -> None:
 
 
 # --- 1. host limit ----------------------------------------------------------------------------
-def host_limit(ml_host: str, input_size: int) -> dict:
+def host_limit(ml_host: str, input_size: int, stem: str) -> dict:
     log.info("host limit: numpy 4096x4096 fp32 matmul on %s", ml_host)
     matmul = py_on(ml_host, MATMUL)
     log.info("host limit: ResNet-50 FLOPs at %dx%d from the Keras layers", input_size, input_size)
-    model = py_on(ml_host, MODEL_FLOPS, str(input_size))
+    model = py_on(ml_host, MODEL_FLOPS, str(input_size), stem)
     return {"matmul": matmul, "model": model}
 
 
@@ -349,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ml-host", default="iot-ml")
     parser.add_argument("--db-host", default="iot-db")
     parser.add_argument("--sim-host", default="iot-simulator")
-    parser.add_argument("--input-size", type=int, default=224, help="served model input edge")
+    parser.add_argument("--input-size", type=int, default=32, help="served model input edge")
+    parser.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"),
+                        help="served network's stem: cifar (the repo's model) or imagenet")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--seconds", type=float, default=20, help="per model-alone batch size")
     parser.add_argument("--pipeline-seconds", type=float, default=40,
@@ -362,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     db = Db(args.db_host)
     r: dict = {"started": datetime.now(UTC).isoformat(timespec="seconds"),
                "machine": f"{run(['nproc']).strip()} shared cores"}
-    r["host"] = host_limit(args.ml_host, args.input_size)
+    r["host"] = host_limit(args.ml_host, args.input_size, args.stem)
     pngs = cifar_pngs(args.dataset, 512)
     wait_idle(db)
     r["model"] = model_alone(args.url, pngs, [int(b) for b in args.batches.split(",")],

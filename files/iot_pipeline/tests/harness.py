@@ -20,6 +20,8 @@ from iot_pipeline import messages
 ROOT = Path(__file__).resolve().parents[4]
 CIFAR_DIR = Path(os.environ.get("IOT_TEST_CIFAR_DIR", ROOT / "shared/datasets/cifar-100"))
 BIN = Path(sys.executable).parent
+# The model the repo ships and the ml role deploys by default (files/models/).
+MODEL_CARD = Path(__file__).resolve().parents[2] / "models" / "resnet50-cifar100.card.json"
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval=0.25) -> None:
@@ -73,7 +75,7 @@ class Process:
 
 
 def start_ml_server(port: int, log_dir: Path, env: dict[str, str]) -> Process:
-    env = {**env, "IOT_ML_WEIGHTS": "none", "IOT_ML_TF_THREADS": "2",
+    env = {**env, "IOT_ML_WEIGHTS": str(MODEL_CARD), "IOT_ML_TF_THREADS": "2",
            "GUNICORN_CMD_ARGS": f"--bind=127.0.0.1:{port} --workers=1 --threads=4 --timeout=120"}
     server = Process("ml-server", [str(BIN / "gunicorn"), "iot_pipeline.ml_server:create_app()"],
                      env, log_dir)
