@@ -69,7 +69,7 @@ def _flags(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="checkpoint, settings, history and log of this run")
     p.add_argument("--export", default="",
                    help="when done, write PREFIX.weights.npz, PREFIX.card.json, "
-                        "PREFIX.history.csv and PREFIX.curve.png")
+                        "PREFIX.history.csv, PREFIX.train.log and PREFIX.curve.png")
     p.add_argument("--epochs", type=int, default=13)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--input-size", type=int, default=32,
@@ -399,6 +399,7 @@ def export(result: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     }
     resnet.write_card(prefix.with_name(prefix.name + ".card.json"), card)
     prefix.with_name(prefix.name + ".history.csv").write_text((run_dir / HISTORY).read_text())
+    prefix.with_name(prefix.name + ".train.log").write_text((run_dir / "train.log").read_text())
     _plot(rows, card, prefix.with_name(prefix.name + ".curve.png"))
     log.info("exported %s: test top-1 %.4f top-5 %.4f on %d images", weights_path,
              card["test_top1"], card["test_top5"], limit)

@@ -70,6 +70,7 @@ def test_rerun_resumes_and_exports_a_card(trained):
     weights = trained["prefix"].with_name(card["weights"])
     assert resnet.sha256(weights) == card["sha256"]
     assert trained["prefix"].with_name("tiny.curve.png").stat().st_size > 10_000
+    assert "epoch 2/2 done" in trained["prefix"].with_name("tiny.train.log").read_text()
 
 
 def test_other_settings_do_not_resume_silently(trained):
