@@ -116,6 +116,8 @@ class DbConsumer:
             client_id="iot-db-consumer", max_poll_records=settings.batch_size,
             group_instance_id=settings.group_instance_id,
             session_timeout_ms=settings.session_timeout_ms,
+            # Results of an aborted inference transaction are never stored (exactly-once).
+            isolation_level="read_committed",
         )
         self.producer = kafka_io.producer(settings.kafka, client_id="iot-db-consumer-dlq")
         self.dead_letters = kafka_io.DeadLetters(self.producer, settings.kafka.dlq_topic,

@@ -1,10 +1,15 @@
 """ML host: reads image messages in batches, has the ML server classify each batch in one HTTP
 request, and publishes one result message per image.
 
-Offsets are committed only after Kafka acknowledged every result and dead letter of the batch
-(at-least-once). While the ML server is down the batch is retried with backoff, never dropped.
+Exactly-once (IOT_INFER_DELIVERY=exactly_once, the default): a batch's results, its dead letters
+and its input offsets go in one Kafka transaction, so a read_committed reader (the DB consumer)
+sees each batch's results exactly once, whatever the moment the consumer dies; an aborted batch
+is rewound and tried again. At-least-once: offsets are committed only after Kafka acknowledged
+every result and dead letter of the batch, and a crash in between publishes the batch twice.
+While the ML server is down the batch is retried with backoff, never dropped.
 The next batch is polled and sent while the ML server still works on the previous one, so the
-model does not wait for Kafka round trips; offsets are still committed batch by batch, in order.
+model does not wait for Kafka round trips; batches are still committed (one transaction at a
+time) batch by batch, in offset order, and the next batch's dead letters wait for its own one.
 
 No record can stop the consumer: a batch that fails unexpectedly (a bug, an answer of the ML
 server it cannot read) is tried IOT_MAX_ATTEMPTS times, then image by image, and the images that
@@ -14,24 +19,35 @@ still fail are dead-lettered with the exception as the reason (kafka_io.with_bou
 from __future__ import annotations
 
 import base64
+import enum
 import json
 import logging
+import socket
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import (
+    AuthorizationError,
+    FencedInstanceIdError,
+    KafkaError,
+    ProducerFencedError,
+)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from iot_pipeline import config, kafka_io, messages
 from iot_pipeline.config import ConfigError, KafkaSettings, Option
+from iot_pipeline.messages import InvalidMessage
 from iot_pipeline.runtime import StopFlag, backoff, configure_logging, run_until_stopped
 
 log = logging.getLogger("iot_pipeline.inference_consumer")
+
+DELIVERY_MODES = ("exactly_once", "at_least_once")
 
 OPTIONS: tuple[Option, ...] = (
     *config.KAFKA_OPTIONS,
@@ -48,6 +64,15 @@ OPTIONS: tuple[Option, ...] = (
            default="100"),
     Option("request_timeout_s", "IOT_INFER_REQUEST_TIMEOUT_S", "ML request timeout in seconds",
            config.non_negative_float, default="120"),
+    Option("delivery", "IOT_INFER_DELIVERY",
+           "exactly_once: a batch's results, dead letters and offsets in one Kafka transaction; "
+           "at_least_once: results first, offsets after (a crash in between repeats a batch)",
+           default="exactly_once", check=lambda v: v in DELIVERY_MODES,
+           check_message="must be exactly_once or at_least_once"),
+    Option("transactional_id", "IOT_INFER_TRANSACTIONAL_ID",
+           "transactional.id of the results producer (exactly_once), stable across restarts and "
+           "unique per consumer; empty: the group instance id, else <group_id>-<hostname>",
+           default=None),
 )
 
 
@@ -65,6 +90,8 @@ class Settings:
     group_instance_id: str | None = None
     session_timeout_ms: int = 10_000
     max_attempts: int = 3
+    delivery: str = "exactly_once"
+    transactional_id: str | None = None
 
 
 def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
@@ -83,6 +110,8 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
         group_instance_id=values["group_instance_id"],
         session_timeout_ms=values["session_timeout_ms"],
         max_attempts=values["max_attempts"],
+        delivery=values["delivery"],
+        transactional_id=values["transactional_id"],
     )
 
 
@@ -107,6 +136,14 @@ class InFlight:
     images: list[tuple[ConsumerRecord, messages.ImageMessage]] | None = None
     future: Future | None = None
     error: Exception | None = None
+    # Found while the previous batch was still open: sent in this batch's own transaction.
+    rejected: list[tuple[ConsumerRecord, InvalidMessage]] = field(default_factory=list)
+
+
+class Outcome(enum.Enum):
+    COMMITTED = "committed"
+    STOPPED = "stopped"  # stopping before the batch could be classified: Kafka replays it
+    REWOUND = "rewound"  # its transaction was aborted: rewind the consumer to its first offsets
 
 
 class MlClient:
@@ -153,7 +190,19 @@ class InferenceConsumer:
             group_instance_id=settings.group_instance_id,
             session_timeout_ms=settings.session_timeout_ms,
         )
-        self.producer = kafka_io.producer(settings.kafka, client_id="iot-inference-consumer")
+        self.exactly_once = settings.delivery == "exactly_once"
+        if self.exactly_once:
+            # Stable across restarts: init_transactions() fences the previous incarnation and
+            # aborts the transaction it left open.
+            self.transactional_id = (settings.transactional_id or settings.group_instance_id
+                                     or f"{settings.group_id}-{socket.gethostname()}")
+            self.producer = kafka_io.producer(settings.kafka, client_id="iot-inference-consumer",
+                                              transactional_id=self.transactional_id)
+            self.producer.init_transactions()
+            log.info("exactly-once delivery, transactional_id %r", self.transactional_id)
+        else:
+            self.producer = kafka_io.producer(settings.kafka, client_id="iot-inference-consumer")
+            log.info("at-least-once delivery")
         self.dead_letters = kafka_io.DeadLetters(self.producer, settings.kafka.dlq_topic,
                                                  settings.group_id)
         self.classified = 0
@@ -168,11 +217,18 @@ class InferenceConsumer:
                                             self.settings.batch_timeout_s,
                                             idle_timeout_s=0.0 if pending else 1.0)
                 submitted = self._submit(calls, batch) if batch else None
-                if pending is not None and not self._finish(pending):
+                outcome = self._finish(pending) if pending is not None else None
+                if outcome is Outcome.STOPPED:
                     # Stopping with the ML server down: later batches must not be committed
                     # past this one; Kafka replays both.
                     pending = None
                     break
+                if outcome is Outcome.REWOUND:
+                    # The next batch, already polled, starts after the aborted one: dropped,
+                    # both polled again from the first offsets of either.
+                    kafka_io.rewind(self.consumer, [*pending.batch,
+                                                    *(submitted.batch if submitted else ())])
+                    submitted = None
                 pending = submitted
             if pending is not None:
                 self._finish(pending)
@@ -180,19 +236,26 @@ class InferenceConsumer:
                  self.classified, self.dead_letters.summary())
 
     def _submit(self, calls: ThreadPoolExecutor, batch: Sequence[ConsumerRecord]) -> InFlight:
+        rejected: list[tuple[ConsumerRecord, InvalidMessage]] = []
         try:
-            images = self._decode(batch)
+            images = self._decode(batch, rejected)
         except kafka_io.OUTAGES:
             raise
         except Exception as exc:
             return InFlight(batch, error=exc)  # attempted again in _finish, in offset order
         future = calls.submit(self._classify_with_retry, [m for _, m in images]) \
             if images else None
-        return InFlight(batch, images, future)
+        return InFlight(batch, images, future, rejected=rejected)
 
-    def _finish(self, flight: InFlight) -> bool:
-        """Publish one batch's results, then commit exactly its offsets; False when stopping
-        before it could be classified."""
+    def _finish(self, flight: InFlight) -> Outcome:
+        """Publish one batch's results and dead letters, and commit exactly its offsets."""
+        if flight.future is not None:
+            wait([flight.future])  # the ML call stays outside the transaction (its timeout)
+        return self._transact(flight.batch, lambda: self._work(flight))
+
+    def _work(self, flight: InFlight) -> bool:
+        for record, reason in flight.rejected:
+            self.dead_letters.send(record, reason)
         error = flight.error
         if error is None:
             try:
@@ -205,16 +268,30 @@ class InferenceConsumer:
             done = kafka_io.with_bounded_attempts(
                 flight.batch, self._process_once, self.dead_letters, self.stop,
                 self.settings.max_attempts, failed=error)
-        if not done:
-            return False
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        for record in flight.batch:
-            tp = TopicPartition(record.topic, record.partition)
-            if tp not in offsets or offsets[tp].offset <= record.offset:
-                offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
-        self._commit(offsets)
-        self.dead_letters.forget(flight.batch)
-        return True
+        else:
+            self.dead_letters.confirm()
+        return done
+
+    def _transact(self, batch: Sequence[ConsumerRecord], work) -> Outcome:
+        """Run ``work()`` (publishing the batch's records) and commit the batch's offsets: in one
+        transaction when exactly-once, one batch at a time; aborted if anything fails."""
+        if self.exactly_once:
+            self.producer.begin_transaction()
+        try:
+            done = work()
+            if not done:
+                self._abort(batch)
+                return Outcome.STOPPED
+            committed = self._commit(_next_offsets(batch))
+        except BaseException:
+            if self.exactly_once:
+                self._abort(batch, quiet=True)
+            raise
+        if not committed and self.exactly_once:
+            self._abort(batch)
+            return Outcome.REWOUND  # the caller rewinds the consumer
+        self.dead_letters.forget(batch)
+        return Outcome.COMMITTED
 
     def _complete(self, images, future: Future | None) -> bool:
         try:
@@ -228,13 +305,13 @@ class InferenceConsumer:
 
     def process(self, batch: Sequence[ConsumerRecord]) -> bool:
         """Classify, publish and commit one batch, without overlap; False when stopping while
-        the ML server is down (the batch is replayed later)."""
-        if not kafka_io.with_bounded_attempts(batch, self._process_once, self.dead_letters,
-                                              self.stop, self.settings.max_attempts):
-            return False
-        self._commit(None)
-        self.dead_letters.forget(batch)
-        return True
+        the ML server is down or the transaction was aborted (the batch is replayed later)."""
+        outcome = self._transact(batch, lambda: kafka_io.with_bounded_attempts(
+            batch, self._process_once, self.dead_letters, self.stop,
+            self.settings.max_attempts))
+        if outcome is Outcome.REWOUND:
+            kafka_io.rewind(self.consumer, batch)
+        return outcome is Outcome.COMMITTED
 
     def _process_once(self, batch: Sequence[ConsumerRecord]) -> bool:
         results = self._classify(self._decode(batch))
@@ -243,7 +320,8 @@ class InferenceConsumer:
         self._publish(results)
         return True
 
-    def _decode(self, batch: Sequence[ConsumerRecord]):
+    def _decode(self, batch: Sequence[ConsumerRecord],
+                rejected: list[tuple[ConsumerRecord, InvalidMessage]] | None = None):
         images: list[tuple[ConsumerRecord, messages.ImageMessage]] = []
         for record in batch:
             try:
@@ -251,7 +329,10 @@ class InferenceConsumer:
                                           expected_size=self.settings.expected_image_size,
                                           max_image_bytes=self.settings.max_image_bytes)
             except messages.InvalidMessage as error:
-                self.dead_letters.send(record, error)
+                if rejected is None:
+                    self.dead_letters.send(record, error)
+                else:
+                    rejected.append((record, error))
                 continue
             if isinstance(message, messages.ImageMessage):
                 images.append((record, message))
@@ -259,17 +340,51 @@ class InferenceConsumer:
         return images
 
     def _publish(self, results: list[messages.ResultMessage]) -> None:
-        futures = [
-            self.producer.send(self.settings.kafka.results_topic,
-                               key=result.unique_id.encode(), value=result.to_bytes())
-            for result in results
-        ]
+        # Encoded before the first send: an attempt that fails must not have sent half a batch
+        # (its transaction would commit that half next to the retry's full one).
+        encoded = [(result.unique_id.encode(), result.to_bytes()) for result in results]
+        futures = [self.producer.send(self.settings.kafka.results_topic, key=key, value=value)
+                   for key, value in encoded]
         kafka_io.confirm_all(self.producer, futures, timeout_s=120)
         self.dead_letters.confirm()
         self.classified += len(results)
 
-    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata] | None) -> None:
-        kafka_io.commit(self.consumer, offsets)
+    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> bool:
+        """At-least-once: a refused commit is logged and replayed later (True either way).
+        Exactly-once: the offsets join the transaction, which commits; False when Kafka refused
+        (a rebalance, a coordinator moving) and the transaction must be aborted."""
+        if not self.exactly_once:
+            kafka_io.commit(self.consumer, offsets)
+            return True
+        try:
+            # The group metadata lets the broker fence a zombie of an old generation (KIP-447).
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+            self.producer.commit_transaction()
+        except (ProducerFencedError, FencedInstanceIdError, AuthorizationError):
+            log.error("transactional_id %r or its group member is used by another process, or "
+                      "not authorized: stopping", self.transactional_id)
+            raise
+        except KafkaError as exc:
+            log.warning("transaction committing offsets %s refused (%r): aborted, the batch is "
+                        "tried again", {f"{tp.topic}[{tp.partition}]": o.offset
+                                        for tp, o in offsets.items()}, exc)
+            return False
+        return True
+
+    def _abort(self, batch: Sequence[ConsumerRecord], quiet: bool = False) -> None:
+        """Abort the open transaction: its results and dead letters are never read committed,
+        and the batch's dead letters are sent again when it is retried."""
+        if not self.exactly_once:
+            return
+        self.dead_letters.forget(batch)
+        self.dead_letters.discard()
+        try:
+            self.producer.abort_transaction()
+        except KafkaError:
+            if not quiet:
+                raise
+            log.exception("aborting the transaction failed too; the restarted consumer's "
+                          "init_transactions() aborts it")
 
     def _classify(self, images) -> list[messages.ResultMessage] | None:
         if not images:
@@ -311,6 +426,16 @@ class InferenceConsumer:
     def close(self) -> None:
         self.consumer.close(autocommit=False)
         self.producer.close(timeout=10)
+
+
+def _next_offsets(batch: Sequence[ConsumerRecord]) -> dict[TopicPartition, OffsetAndMetadata]:
+    """The offsets to commit once this batch is done: one past its last record per partition."""
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    for record in batch:
+        tp = TopicPartition(record.topic, record.partition)
+        if tp not in offsets or offsets[tp].offset <= record.offset:
+            offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
+    return offsets
 
 
 def _result(message: messages.ImageMessage, model: str, prediction: dict,

@@ -1,8 +1,9 @@
 """Kafka clients as the services use them: safe producers, manual-commit consumers, dead letters.
 
-Delivery is at-least-once end to end: producers wait for all in-sync replicas (``acks=all``,
+Delivery is at-least-once by default: producers wait for all in-sync replicas (``acks=all``,
 idempotent), consumers never auto-commit and commit only after what they produced is
-acknowledged and what they stored is committed.
+acknowledged and what they stored is committed. A producer given a ``transactional_id`` makes
+a consume-transform-produce step exactly-once (the inference consumer's default).
 
 Consumers may be static group members (``group_instance_id``, KIP-345): a restarted instance
 rejoins under its old identity and gets its partitions back at once, without a rebalance of the
@@ -25,6 +26,7 @@ from kafka.errors import (
     KafkaError,
     RebalanceInProgressError,
 )
+from kafka.structs import TopicPartition
 
 from iot_pipeline.config import KafkaSettings
 from iot_pipeline.messages import InvalidMessage
@@ -128,6 +130,20 @@ def commit(kafka_consumer: KafkaConsumer, offsets: dict | None = None) -> bool:
     return True
 
 
+def rewind(kafka_consumer: KafkaConsumer, records: Iterable[ConsumerRecord]) -> None:
+    """Seek back to the first of these records on each partition still assigned, so the next
+    poll returns them again (a partition the group moved restarts from its committed offset)."""
+    first: dict[TopicPartition, int] = {}
+    for record in records:
+        tp = TopicPartition(record.topic, record.partition)
+        first[tp] = min(first.get(tp, record.offset), record.offset)
+    assigned = kafka_consumer.assignment()
+    for tp, offset in first.items():
+        if tp in assigned:
+            kafka_consumer.seek(tp, offset)
+            log.info("rewound %s[%d] to %d", tp.topic, tp.partition, offset)
+
+
 def where(record: ConsumerRecord) -> str:
     """``topic[partition]@offset``, the way every log line names a record."""
     return f"{record.topic}[{record.partition}]@{record.offset}"
@@ -210,6 +226,10 @@ class DeadLetters:
     def confirm(self, timeout_s: float = 60.0) -> None:
         """Block until every dead letter sent so far is acknowledged."""
         confirm_all(self._producer, self._pending, timeout_s)
+        self._pending.clear()
+
+    def discard(self) -> None:
+        """The transaction these dead letters were sent in was aborted: stop waiting for them."""
         self._pending.clear()
 
     def forget(self, records: Iterable[ConsumerRecord]) -> None:

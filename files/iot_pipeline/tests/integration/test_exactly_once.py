@@ -1,0 +1,244 @@
+"""Exactly-once results against a real broker: a batch's results, dead letters and offsets are one
+Kafka transaction, so a read_committed reader sees each image's result once, whenever the
+inference consumer dies; the at-least-once switch still publishes without transactions."""
+
+import signal
+import threading
+import time
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError
+from test_db_consumer import make_consumer as make_db_consumer
+from test_inference_consumer import HttpServer, MeanClassifier, make_consumer
+
+from iot_pipeline import messages
+
+from harness import (
+    BIN,
+    Process,
+    count,
+    image_message,
+    produce,
+    result_message,
+    rows,
+    running_in_thread,
+    service_env,
+    wait_for,
+)
+from servers import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def read(bootstrap: str, topic: str, isolation: str, quiet_s: float = 1.5,
+         timeout: float = 20) -> list:
+    """Every record a reader with this isolation level gets now (until quiet_s without one)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             isolation_level=isolation)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning()
+        records: list = []
+        last = start = time.monotonic()
+        while time.monotonic() - last < quiet_s and time.monotonic() - start < timeout:
+            polled = consumer.poll(timeout_ms=200)
+            for batch in polled.values():
+                records.extend(batch)
+            if polled:
+                last = time.monotonic()
+        return records
+    finally:
+        consumer.close()
+
+
+def result_ids(records: list) -> list[str]:
+    return [messages.decode(r.value).unique_id for r in records]
+
+
+def freeze_commit(consumer):
+    """Make the consumer hang in commit_transaction(), its batch's results already sent, as a
+    process stopped (or killed) at the worst moment; returns (frozen, release) events."""
+    frozen, release = threading.Event(), threading.Event()
+    real = consumer.producer.commit_transaction
+
+    def commit_transaction():
+        frozen.set()
+        release.wait(60)
+        return real()
+
+    consumer.producer.commit_transaction = commit_transaction
+    return frozen, release
+
+
+def test_results_become_visible_to_read_committed_only_on_commit(kafka_bootstrap, kafka_topics):
+    port = free_port()
+    produce(kafka_bootstrap, kafka_topics.images,
+            [image_message(f"img-{i}", value=i).to_bytes() for i in range(8)])
+    consumer = make_consumer(kafka_bootstrap, kafka_topics, port, batch_size=8)
+    assert consumer.producer.config["transactional_id"], "exactly-once is not the default"
+    frozen, release = freeze_commit(consumer)
+    with HttpServer(port, MeanClassifier()), running_in_thread(consumer):
+        assert frozen.wait(60), "no batch reached its commit"
+        sent = read(kafka_bootstrap, kafka_topics.results, "read_uncommitted")
+        assert sent, "the batch's results were not sent before the commit"
+        assert read(kafka_bootstrap, kafka_topics.results, "read_committed") == []
+        release.set()
+        wait_for(lambda: len(read(kafka_bootstrap, kafka_topics.results, "read_committed",
+                                  quiet_s=0.5)) == 8, 30, "8 committed results")
+    committed = read(kafka_bootstrap, kafka_topics.results, "read_committed")
+    assert sorted(result_ids(committed)) == sorted(f"img-{i}" for i in range(8))
+
+
+def test_a_consumer_dying_before_its_commit_leaves_no_duplicate(kafka_bootstrap, kafka_topics):
+    """The first consumer hangs after publishing a batch; its replacement (same static member
+    id and transactional_id, as after a restart) fences it, aborts its transaction and
+    classifies the whole stream again: committed, each image has one result."""
+    port = free_port()
+    ids = [f"img-{i}" for i in range(16)]
+    produce(kafka_bootstrap, kafka_topics.images,
+            [image_message(uid, value=i).to_bytes() for i, uid in enumerate(ids)])
+    same = {"group_instance_id": "ml-1-iot-inference-consumer",
+            "transactional_id": "ml-1-iot-inference-consumer", "session_timeout_ms": 30_000}
+    zombie = make_consumer(kafka_bootstrap, kafka_topics, port, **same)
+    frozen, release = freeze_commit(zombie)
+    errors: list[BaseException] = []
+
+    def run_zombie():
+        try:
+            zombie.run()
+        except BaseException as exc:  # fenced once released: expected
+            errors.append(exc)
+
+    thread = threading.Thread(target=run_zombie, daemon=True)
+    with HttpServer(port, MeanClassifier()):
+        thread.start()
+        assert frozen.wait(60), "no batch reached its commit"
+        aborted = read(kafka_bootstrap, kafka_topics.results, "read_uncommitted")
+        assert aborted, "the zombie's results were not sent"
+        with running_in_thread(make_consumer(kafka_bootstrap, kafka_topics, port, **same)):
+            wait_for(lambda: len(read(kafka_bootstrap, kafka_topics.results, "read_committed",
+                                      quiet_s=0.5)) >= 16, 60, "16 committed results")
+            # The zombie wakes up after its replacement took over: its commit must fail.
+            zombie.stop.set()
+            release.set()
+            thread.join(60)
+    assert not thread.is_alive()
+    assert errors, "the fenced zombie committed"
+    committed = result_ids(read(kafka_bootstrap, kafka_topics.results, "read_committed"))
+    assert sorted(committed) == sorted(ids)  # every image, once
+    everything = read(kafka_bootstrap, kafka_topics.results, "read_uncommitted")
+    assert len(everything) >= 16 + len(aborted)  # the zombie's batch is there, aborted
+
+
+def test_a_refused_commit_aborts_and_the_batch_is_tried_again(kafka_bootstrap, kafka_topics):
+    """Kafka refuses the offsets (as on a rebalance): the transaction is aborted, the consumer
+    rewound; the retry publishes every result and the dead letter once, committed."""
+    port = free_port()
+    ids = [f"img-{i}" for i in range(12)]
+    produce(kafka_bootstrap, kafka_topics.images,
+            [image_message(uid, value=i).to_bytes() for i, uid in enumerate(ids)]
+            + [b"\x00\x01garbage"])
+    consumer = make_consumer(kafka_bootstrap, kafka_topics, port, batch_size=4)
+    real = consumer.producer.send_offsets_to_transaction
+    refused: list = []
+
+    def send_offsets_to_transaction(offsets, group_metadata):
+        if len(refused) < 2:
+            refused.append(offsets)
+            raise CommitFailedError("simulated rebalance")
+        return real(offsets, group_metadata)
+
+    consumer.producer.send_offsets_to_transaction = send_offsets_to_transaction
+    with HttpServer(port, MeanClassifier()), running_in_thread(consumer):
+        wait_for(lambda: len(read(kafka_bootstrap, kafka_topics.results, "read_committed",
+                                  quiet_s=0.5)) >= 12, 60, "12 committed results")
+        wait_for(lambda: read(kafka_bootstrap, kafka_topics.dlq, "read_committed",
+                              quiet_s=0.5), 30, "the dead letter")
+    assert len(refused) == 2
+    committed = result_ids(read(kafka_bootstrap, kafka_topics.results, "read_committed"))
+    assert sorted(committed) == sorted(ids)
+    assert len(read(kafka_bootstrap, kafka_topics.results, "read_uncommitted")) > 12  # aborted
+    assert len(read(kafka_bootstrap, kafka_topics.dlq, "read_committed")) == 1
+
+
+def test_sigkill_mid_stream_and_restart_gives_one_result_per_image(
+        kafka_bootstrap, kafka_topics, tmp_path):
+    port = free_port()
+    ids = [f"img-{i}" for i in range(120)]
+    produce(kafka_bootstrap, kafka_topics.images,
+            [image_message(uid, value=i % 200).to_bytes() for i, uid in enumerate(ids)])
+    env = service_env(kafka_bootstrap, kafka_topics,
+                      IOT_ML_SERVER_URL=f"http://127.0.0.1:{port}",
+                      IOT_INFER_GROUP_ID=f"infer-{kafka_topics.images}",
+                      IOT_INFER_BATCH_SIZE="4", IOT_INFER_BATCH_TIMEOUT_MS="0",
+                      IOT_KAFKA_GROUP_INSTANCE_ID="ml-1-iot-inference-consumer",
+                      IOT_KAFKA_SESSION_TIMEOUT_MS="30000")
+
+    class SlowClassifier(MeanClassifier):
+        def classify(self, pixels, top_k=5):
+            time.sleep(0.05)  # keeps the stream flowing for a few seconds
+            return super().classify(pixels, top_k)
+
+    with HttpServer(port, SlowClassifier()):
+        for attempt in range(3):
+            proc = Process(f"infer-{attempt}", [str(BIN / "inference-consumer")], env, tmp_path)
+            wait_for(lambda n=attempt: len(read(kafka_bootstrap, kafka_topics.results,
+                                                "read_uncommitted", quiet_s=0.3)) > 8 * (n + 1),
+                     60, "results to flow")
+            proc.assert_running()
+            proc.proc.send_signal(signal.SIGKILL)
+            proc.stop()
+        last = Process("infer-last", [str(BIN / "inference-consumer")], env, tmp_path)
+        try:
+            wait_for(lambda: len(read(kafka_bootstrap, kafka_topics.results, "read_committed",
+                                      quiet_s=0.5)) >= len(ids), 60, "every committed result")
+        finally:
+            last.stop()
+    committed = result_ids(read(kafka_bootstrap, kafka_topics.results, "read_committed"))
+    assert sorted(committed) == sorted(ids), f"{len(committed)} committed results"
+
+
+def test_at_least_once_publishes_without_a_transaction(kafka_bootstrap, kafka_topics):
+    port = free_port()
+    produce(kafka_bootstrap, kafka_topics.images,
+            [image_message(f"img-{i}", value=i).to_bytes() for i in range(16)])
+    consumer = make_consumer(kafka_bootstrap, kafka_topics, port, delivery="at_least_once")
+    assert consumer.producer.config["transactional_id"] is None
+    with HttpServer(port, MeanClassifier()), running_in_thread(consumer):
+        wait_for(lambda: consumer.classified == 16, 60, "16 results")
+    group = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False,
+                          group_id=f"infer-{kafka_topics.images}")
+    try:
+        committed = sum(group.committed(TopicPartition(kafka_topics.images, p)) or 0
+                        for p in range(3))
+    finally:
+        group.close()
+    assert committed == 16  # offsets committed by the consumer itself, not in a transaction
+    results = result_ids(read(kafka_bootstrap, kafka_topics.results, "read_committed"))
+    assert sorted(results) == sorted(f"img-{i}" for i in range(16))
+
+
+def test_the_db_consumer_never_stores_an_aborted_result(kafka_bootstrap, kafka_topics, pg_dsn):
+    produce(kafka_bootstrap, kafka_topics.images,
+            [image_message("aborted").to_bytes(), image_message("kept").to_bytes()])
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id="test-db-rc")
+    try:
+        producer.init_transactions()
+        # One key, so one partition: the aborted result comes before the committed one.
+        for uid, label, commit in (("aborted", "ghost", False), ("kept", "tabby", True)):
+            producer.begin_transaction()
+            producer.send(kafka_topics.results, key=b"k",
+                          value=result_message(uid, label).to_bytes())
+            producer.flush(30)
+            producer.commit_transaction() if commit else producer.abort_transaction()
+    finally:
+        producer.close()
+    consumer = make_db_consumer(kafka_bootstrap, kafka_topics, pg_dsn)
+    assert consumer.consumer.config["isolation_level"] == "read_committed"
+    with running_in_thread(consumer):
+        wait_for(lambda: count(pg_dsn, "inferred_value IS NOT NULL") == 1 and count(pg_dsn) == 2,
+                 60, "the committed result stored")
+    stored = {r[0]: r[2] for r in rows(pg_dsn)}
+    assert stored == {"aborted": None, "kept": "tabby"}
