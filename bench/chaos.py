@@ -49,7 +49,10 @@ DLQ_SNIPPET = """
 import json, sys
 from kafka import KafkaConsumer, TopicPartition
 bootstrap, topic, since = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+# read_committed: the inference consumer dead-letters inside its transactions; aborted ones
+# (a batch retried after a crash) are not dead letters.
+c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                  isolation_level="read_committed")
 parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])]
 end = c.end_offsets(parts)
 out = {"end": {str(tp.partition): off for tp, off in end.items()}, "records": []}
