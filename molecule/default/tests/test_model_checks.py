@@ -55,7 +55,7 @@ def test_the_repo_model_is_deployed_and_checked(host):
     assert weights.sha256sum == card["sha256"]
     assert host.file("/var/lib/iot-pipeline/models/resnet50-cifar100.card.json").exists
     env = host.file("/etc/iot-pipeline/iot-ml-server.env").content_string
-    assert "IOT_ML_WEIGHTS=/var/lib/iot-pipeline/models/resnet50-cifar100.card.json" in env
+    assert 'IOT_ML_WEIGHTS="/var/lib/iot-pipeline/models/resnet50-cifar100.card.json"' in env
 
 
 def test_weights_that_differ_from_their_card_fail_the_deploy(host, tmp_path, copy_of_model):
