@@ -58,8 +58,12 @@ class Classifier:
         import tensorflow as tf
 
         if tf_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError:  # TensorFlow already ran in this process: its threads stay
+                log.warning("TensorFlow is initialised already; tf_threads=%d not applied",
+                            tf_threads)
         started = time.monotonic()
         self.card: dict | None = None
         if weights in {"imagenet", "random", "none"}:
