@@ -1,6 +1,7 @@
 """DB host / controller: per-model accuracy report from ``iot_image_data``.
 
-On the database host ``iot-accuracy`` reads the table (one query, grouped by ``model_name``) and
+On the database host ``iot-accuracy`` reads the table (one query, grouped by ``model_name`` and
+``model_version``: a model is ``name@version``, or ``name`` for rows without a version) and
 reports per model the images classified and, when the model answers with CIFAR-100 names, the
 top-1 agreement of ``inferred_value`` with ``ground_truth``; a model answering with other names
 (the ImageNet ResNet-50) gets the distribution of its predicted labels instead. ``--json`` prints
@@ -50,7 +51,8 @@ OPTIONS: tuple[Option, ...] = (
 # per ground-truth class the images and the agreeing predictions.
 QUERY = """
 WITH classified AS (
-    SELECT coalesce(model_name, '(unknown)') AS model, ground_truth, inferred_value
+    SELECT coalesce(model_name, '(unknown)') || coalesce('@' || model_version, '') AS model,
+           ground_truth, inferred_value
     FROM iot_image_data WHERE inferred_value IS NOT NULL
 ), truth AS (
     SELECT DISTINCT ground_truth AS label FROM iot_image_data WHERE ground_truth IS NOT NULL

@@ -6,7 +6,8 @@ and its input offsets go in one Kafka transaction, so a read_committed reader (t
 sees each batch's results exactly once, whatever the moment the consumer dies; an aborted batch
 is rewound and tried again. At-least-once: offsets are committed only after Kafka acknowledged
 every result and dead letter of the batch, and a crash in between publishes the batch twice.
-While the ML server is down the batch is retried with backoff, never dropped.
+While the ML server is down (restarting with a new model, loading it) the batch is retried
+with backoff, never dropped; each result names the model version the server answered with.
 The next batch is polled and sent while the ML server still works on the previous one, so the
 model does not wait for Kafka round trips; batches are still committed (one transaction at a
 time) batch by batch, in offset order, and the next batch's dead letters wait for its own one.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import http.client
 import json
 import logging
 import socket
@@ -48,6 +50,10 @@ from iot_pipeline.runtime import StopFlag, backoff, configure_logging, run_until
 log = logging.getLogger("iot_pipeline.inference_consumer")
 
 DELIVERY_MODES = ("exactly_once", "at_least_once")
+# Longest wait between two attempts at an ML server that is down. The server is on the same host
+# and a restart (a model rollout) keeps it away for its model's load time: retrying every few
+# seconds costs nothing, and the batch goes through soon after the model is back.
+ML_RETRY_MAX_S = 5.0
 
 OPTIONS: tuple[Option, ...] = (
     *config.KAFKA_OPTIONS,
@@ -128,6 +134,15 @@ class MlRejected(RuntimeError):
         self.body = body
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What the ML server said about one request's images."""
+
+    model: str
+    version: str | None
+    predictions: list[dict]
+
+
 @dataclass
 class InFlight:
     """A polled batch: its decoded images at the ML server, or the error that stopped that."""
@@ -151,7 +166,7 @@ class MlClient:
         self.url = f"{base_url}/predict"
         self.timeout_s = timeout_s
 
-    def classify(self, images: Sequence[bytes]) -> tuple[str, list[dict]]:
+    def classify(self, images: Sequence[bytes]) -> Answer:
         body = json.dumps({"images": [base64.b64encode(i).decode("ascii") for i in images]})
         http_request = urllib.request.Request(  # noqa: S310 - URL from the operator's settings
             self.url, data=body.encode(), method="POST",
@@ -168,13 +183,16 @@ class MlClient:
             if 400 <= exc.code < 500 and exc.code not in (408, 429):
                 raise MlRejected(exc.code, detail) from exc
             raise MlUnavailable(f"HTTP {exc.code}: {detail}") from exc
-        except (OSError, ValueError) as exc:  # refused, reset, timed out, garbled
-            raise MlUnavailable(str(exc)) from exc
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            # Refused, reset, timed out, garbled, or cut off mid-answer (a server stopping).
+            raise MlUnavailable(str(exc) or type(exc).__name__) from exc
         predictions = answer.get("predictions")
         if not isinstance(predictions, list) or len(predictions) != len(images):
             raise MlUnavailable(f"answer has {len(predictions or [])} predictions "
                                 f"for {len(images)} images")
-        return answer["model"], predictions
+        version = answer.get("version")  # absent from servers that predate it
+        return Answer(answer["model"], version if isinstance(version, str) and version else None,
+                      predictions)
 
 
 class InferenceConsumer:
@@ -408,10 +426,10 @@ class InferenceConsumer:
         return answered
 
     def _classify_with_retry(self, images: Sequence[messages.ImageMessage]):
-        delays = backoff()
+        delays = backoff(maximum=ML_RETRY_MAX_S)
         while True:
             try:
-                model, predictions = self.ml.classify([m.image_png for m in images])
+                answer = self.ml.classify([m.image_png for m in images])
                 break
             except MlUnavailable as exc:
                 delay = next(delays)
@@ -420,8 +438,8 @@ class InferenceConsumer:
                 if self.stop.wait(delay):
                     return None
         now = messages.utc_now()
-        return [_result(message, model, prediction, now)
-                for message, prediction in zip(images, predictions, strict=True)]
+        return [_result(message, answer.model, prediction, now, model_version=answer.version)
+                for message, prediction in zip(images, answer.predictions, strict=True)]
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
@@ -439,7 +457,7 @@ def _next_offsets(batch: Sequence[ConsumerRecord]) -> dict[TopicPartition, Offse
 
 
 def _result(message: messages.ImageMessage, model: str, prediction: dict,
-            inferred_at: datetime) -> messages.ResultMessage:
+            inferred_at: datetime, model_version: str | None = None) -> messages.ResultMessage:
     return messages.ResultMessage(
         unique_id=message.unique_id,
         inferred_value=prediction["label"],
@@ -447,6 +465,7 @@ def _result(message: messages.ImageMessage, model: str, prediction: dict,
         model=model,
         inferred_at=inferred_at,
         top_k=tuple((p["label"], float(p["score"])) for p in prediction.get("top_k", [])),
+        model_version=model_version,
     )
 
 

@@ -8,9 +8,12 @@ An image message (simulator -> images topic)::
 
 A result message (inference consumer -> results topic)::
 
-    {"schema": 1, "type": "result", "unique_id": "...", "inferred_value": "tabby",
-     "score": 0.41, "model": "resnet50-imagenet", "inferred_at": "...",
-     "top_k": [["tabby", 0.41], ["tiger cat", 0.2]]}
+    {"schema": 1, "type": "result", "unique_id": "...", "inferred_value": "apple",
+     "score": 0.41, "model": "resnet50-cifar100", "model_version": "3beb4a58291f",
+     "inferred_at": "...", "top_k": [["apple", 0.41], ["pear", 0.2]]}
+
+``model_version`` (the ML server's model version, resnet.model_version) is optional: a result
+from an inference consumer older than it has none, and readers that predate it ignore it.
 
 Anything that does not decode into one of these raises :class:`InvalidMessage` with a short
 machine-readable ``reason`` (the dead-letter header) and a human ``detail``. The checks cover
@@ -87,9 +90,10 @@ class ResultMessage:
     model: str
     inferred_at: datetime
     top_k: tuple[tuple[str, float], ...] = ()
+    model_version: str | None = None
 
     def to_bytes(self) -> bytes:
-        return _dump({
+        payload = {
             "schema": SCHEMA_VERSION,
             "type": "result",
             "unique_id": self.unique_id,
@@ -98,7 +102,10 @@ class ResultMessage:
             "model": self.model,
             "inferred_at": self.inferred_at.isoformat(),
             "top_k": [[label, score] for label, score in self.top_k],
-        })
+        }
+        if self.model_version is not None:
+            payload["model_version"] = self.model_version
+        return _dump(payload)
 
 
 Message = ImageMessage | ResultMessage
@@ -253,6 +260,8 @@ def _decode_result_message(payload: dict[str, Any]) -> ResultMessage:
     unique_id = _text(payload, "unique_id")
     inferred_value = _text(payload, "inferred_value")
     model = _text(payload, "model")
+    model_version = (None if payload.get("model_version") is None
+                     else _text(payload, "model_version"))
     inferred_at = _timestamp(payload, "inferred_at")
     score = _number(payload.get("score"), "score", 0.0, 1.0)
     top_k = payload.get("top_k", [])
@@ -264,4 +273,5 @@ def _decode_result_message(payload: dict[str, Any]) -> ResultMessage:
             raise InvalidMessage("bad_field", "top_k must hold [label, score] pairs")
         label = _text({"label": pair[0]}, "label")
         pairs.append((label, _number(pair[1], "top_k score", 0.0, 1.0)))
-    return ResultMessage(unique_id, inferred_value, score, model, inferred_at, tuple(pairs))
+    return ResultMessage(unique_id, inferred_value, score, model, inferred_at, tuple(pairs),
+                         model_version)

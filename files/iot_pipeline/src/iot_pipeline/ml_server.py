@@ -3,8 +3,10 @@
     gunicorn 'iot_pipeline.ml_server:create_app()'   # IOT_ML_* and GUNICORN_CMD_ARGS set it up
 
 ``POST /predict`` takes ``{"image": "<base64>"}`` or ``{"images": [...]}`` (PNG or JPEG) and an
-optional ``"top_k"``, and answers ``{"model": ..., "predictions": [{"label", "score", "top_k"}]}``.
-``GET /health`` is 200 once the model is loaded (503 before); ``GET /metrics`` is Prometheus text.
+optional ``"top_k"``, and answers ``{"model": ..., "version": ..., "predictions": [{"label",
+"score", "top_k"}]}``.
+``GET /health`` is 200 once the model is loaded (503 before), with the model's name and version
+(resnet.model_version); ``GET /metrics`` is Prometheus text.
 Bad input gets a JSON error: 400 malformed, 413 too large (before the body is read), 422 an
 image that does not decode; the model is loaded in the background so the port opens at once.
 """
@@ -238,6 +240,8 @@ def create_app(
         metrics.observe("predict", 200, images=len(pixels), seconds=elapsed)
         return jsonify({
             "model": classifier.name,
+            # Per answer, so each result names the model that made it, also across a restart.
+            "version": getattr(classifier, "version", ""),
             "predictions": [
                 {"label": p.label, "score": p.score,
                  "top_k": [{"label": label, "score": score} for label, score in p.top_k]}

@@ -112,7 +112,7 @@ class Classifier:
         self.card = card
         self.labels = tuple(card["labels"])
         self.name = card.get("name") or card_path.name.removesuffix(".card.json")
-        self.version = card["sha256"][:12]
+        self.version = resnet.model_version(card)
         return model, lambda x: x  # scaling and normalisation are layers of the model
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:

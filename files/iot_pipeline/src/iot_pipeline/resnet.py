@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ CIFAR100_STD = (68.17, 65.39, 70.42)
 DEFAULT_CARD = "/var/lib/iot-pipeline/models/resnet50-cifar100.card.json"
 CARD_KEYS = ("architecture", "stem", "input_size", "labels", "weights", "sha256",
              "test_top1", "test_top5")
+# A card's optional ``version``: it travels in every result message and row, so it is short and
+# plain (messages.py would dead-letter a result whose text fields it refuses).
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 
 class ModelError(RuntimeError):
@@ -199,7 +203,24 @@ def load_card(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"model card {str(path)!r}: labels must be a list of names")
     if not (isinstance(card["input_size"], int) and card["input_size"] > 0):
         raise ModelError(f"model card {str(path)!r}: input_size must be a positive integer")
+    version = card.get("version")
+    if version is not None and not (isinstance(version, str)
+                                    and VERSION_PATTERN.fullmatch(version)):
+        raise ModelError(
+            f"model card {str(path)!r}: version must be 1-64 letters, digits or ._+- "
+            f"(starting with a letter or digit), not {version!r}")
     return card
+
+
+def model_version(card: Mapping[str, Any]) -> str:
+    """The version a card's model is served and recorded under: the card's own ``version``
+    when it sets one, else the first 12 hex digits of its weights' sha256.
+
+    A retrained model gets a new version by itself (new weights, new sha256); ``version`` is
+    for a change the weights do not show (new labels or input size on the same weights), or a
+    name of the operator's choosing.
+    """
+    return card.get("version") or card["sha256"][:12]
 
 
 def model_from_card(card_path: str | Path, weights: str | Path | None = None):

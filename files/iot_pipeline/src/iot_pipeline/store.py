@@ -51,11 +51,18 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS iot_image_data_pending_idx
         ON iot_image_data (id) WHERE inferred_value IS NULL;
     """,
+    # 2: the version of the model that classified the row (the result's model_version; NULL for
+    # results of an inference consumer that predates it). Adding a nullable column without a
+    # default only touches the catalogue, so it is instant on a full table.
+    """
+    ALTER TABLE iot_image_data ADD COLUMN IF NOT EXISTS model_version text;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 REQUIRED_COLUMNS = frozenset({
     "id", "unique_id", "device_id", "ground_truth", "data", "inferred_value", "inference_score",
-    "model_name", "produced_at", "inferred_at", "image_stored_at", "result_stored_at",
+    "model_name", "model_version", "produced_at", "inferred_at", "image_stored_at",
+    "result_stored_at",
 })
 
 UPSERT_IMAGES = """
@@ -73,16 +80,18 @@ UPSERT_IMAGES_TEMPLATE = "(%s, %s, %s, %s, %s, clock_timestamp())"
 
 UPSERT_RESULTS = """
 INSERT INTO iot_image_data AS t
-    (unique_id, inferred_value, inference_score, model_name, inferred_at, result_stored_at)
+    (unique_id, inferred_value, inference_score, model_name, model_version, inferred_at,
+     result_stored_at)
 VALUES %s
 ON CONFLICT (unique_id) DO UPDATE SET
     inferred_value = EXCLUDED.inferred_value,
     inference_score = EXCLUDED.inference_score,
     model_name = EXCLUDED.model_name,
+    model_version = EXCLUDED.model_version,
     inferred_at = EXCLUDED.inferred_at,
     result_stored_at = COALESCE(t.result_stored_at, EXCLUDED.result_stored_at)
 """
-UPSERT_RESULTS_TEMPLATE = "(%s, %s, %s, %s, %s, clock_timestamp())"
+UPSERT_RESULTS_TEMPLATE = "(%s, %s, %s, %s, %s, %s, clock_timestamp())"
 
 
 class StoreUnavailable(RuntimeError):
@@ -219,8 +228,8 @@ def write_batch(
                 ], template=UPSERT_IMAGES_TEMPLATE, page_size=1000)
             if results:
                 execute_values(cur, UPSERT_RESULTS, [
-                    (m.unique_id, m.inferred_value, m.score, m.model, m.inferred_at)
-                    for m in results
+                    (m.unique_id, m.inferred_value, m.score, m.model, m.model_version,
+                     m.inferred_at) for m in results
                 ], template=UPSERT_RESULTS_TEMPLATE, page_size=1000)
     except (psycopg2.OperationalError, psycopg2.InterfaceError, *_NOT_WRITABLE) as exc:
         raise StoreUnavailable(str(exc).strip()) from exc

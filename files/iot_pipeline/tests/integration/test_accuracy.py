@@ -73,6 +73,23 @@ def test_cli_prints_json_and_writes_a_png(pg_dsn, tmp_path, capsys, monkeypatch)
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_each_model_version_is_reported_apart(pg_dsn):
+    conn = store.connect(pg_dsn)
+    try:
+        store.migrate(conn)
+        images = [image_message(f"img-{i}", i, CIFAR[i % len(CIFAR)]) for i in range(6)]
+        results = [dataclasses.replace(result_message(f"img-{i}", CIFAR[i % len(CIFAR)]),
+                                       model="cifar-net",
+                                       model_version="v1" if i < 4 else "v2")
+                   for i in range(6)]
+        store.write_batch(conn, images, results)
+    finally:
+        conn.close()
+    report = accuracy.fetch(pg_dsn)
+    assert {m.model: m.classified for m in report.models} == {"cifar-net@v1": 4,
+                                                              "cifar-net@v2": 2}
+
+
 def test_missing_table_is_a_clear_error(pg_dsn):
     with pytest.raises(accuracy.ReportError, match="migrate-only"):
         accuracy.fetch(pg_dsn)

@@ -88,6 +88,28 @@ def test_every_image_gets_one_result_in_batches(kafka_bootstrap, kafka_topics):
     assert sum(classifier.batches) == 40
 
 
+def test_results_name_the_version_of_the_model_that_answered(kafka_bootstrap, kafka_topics):
+    """A server restarted with a new model mid-stream (the rollout): the results before carry
+    the old version, the ones after the new, and no image is lost or dead-lettered between."""
+    port = free_port()
+    old, new = MeanClassifier(), MeanClassifier()
+    old.version, new.version = "v1", "v2"
+    produce(kafka_bootstrap, kafka_topics.images,
+            [image_message(f"a-{i}", value=i).to_bytes() for i in range(8)])
+    with running_in_thread(make_consumer(kafka_bootstrap, kafka_topics, port)) as consumer:
+        with HttpServer(port, old):
+            wait_for(lambda: consumer.classified == 8, 60, "8 images by v1")
+        produce(kafka_bootstrap, kafka_topics.images,
+                [image_message(f"b-{i}", value=i).to_bytes() for i in range(8)])
+        threading.Event().wait(1)  # meanwhile the consumer meets a closed port and retries
+        with HttpServer(port, new):
+            wait_for(lambda: consumer.classified == 16, 60, "8 more images by v2")
+    results = results_by_id(kafka_bootstrap, kafka_topics.results)
+    assert {uid: r.model_version for uid, r in results.items()} == {
+        **{f"a-{i}": "v1" for i in range(8)}, **{f"b-{i}": "v2" for i in range(8)}}
+    assert read_all(kafka_bootstrap, kafka_topics.dlq) == []
+
+
 def test_nothing_is_lost_while_the_ml_server_is_down(kafka_bootstrap, kafka_topics):
     port = free_port()
     produce(kafka_bootstrap, kafka_topics.images,
@@ -143,11 +165,11 @@ def test_an_image_that_fails_unexpectedly_is_dead_lettered_after_bounded_attempt
     real_result = inference_consumer._result
     failures = []
 
-    def buggy_result(message, model, prediction, inferred_at):
+    def buggy_result(message, model, prediction, inferred_at, **kwargs):
         if message.unique_id == "bug":
             failures.append(message.unique_id)
             raise IndexError("only this image breaks the result builder")
-        return real_result(message, model, prediction, inferred_at)
+        return real_result(message, model, prediction, inferred_at, **kwargs)
 
     monkeypatch.setattr(inference_consumer, "_result", buggy_result)
     port = free_port()

@@ -44,6 +44,26 @@ def test_result_message_round_trip():
     assert messages.decode(original.to_bytes()) == original
 
 
+def test_the_model_version_travels_with_the_result_and_is_optional():
+    versioned = ResultMessage("u1", "apple", 0.5, "resnet50-cifar100", NOW, (("apple", 0.5),),
+                              model_version="3beb4a58291f")
+    assert json.loads(versioned.to_bytes())["model_version"] == "3beb4a58291f"
+    assert messages.decode(versioned.to_bytes()) == versioned
+    # A result of an inference consumer that predates the field: still valid, no version.
+    unversioned = ResultMessage("u1", "apple", 0.5, "resnet50-cifar100", NOW)
+    assert "model_version" not in json.loads(unversioned.to_bytes())
+    old = encoded({k: v for k, v in result_payload().items() if k != "model_version"})
+    assert messages.decode(old).model_version is None
+    assert messages.decode(encoded(result_payload(model_version=None))).model_version is None
+
+
+@pytest.mark.parametrize("version", ["", 3, ["v1"], "v\x00", "v" * 201])
+def test_a_bad_model_version_is_rejected(version):
+    with pytest.raises(InvalidMessage) as caught:
+        messages.decode(encoded(result_payload(model_version=version)))
+    assert caught.value.reason in {"missing_field", "bad_field"}
+
+
 @pytest.mark.parametrize(("value", "reason"), [
     (None, "empty_message"),
     (b"\xff\xfe not utf-8", "bad_json"),

@@ -62,6 +62,19 @@ def test_a_batch_is_classified_in_one_call_in_order(client, classifier):
     assert response.json["model"] == "counting"
 
 
+def test_each_answer_and_health_name_the_model_version():
+    classifier = CountingClassifier()
+    classifier.version = "r2"
+    app = ml_server.create_app(ml_server.Settings(weights="none"),
+                               classifier_factory=lambda _s: classifier)
+    test_client = app.test_client()
+    health = wait_ready(test_client).json
+    assert (health["model"], health["version"]) == ("counting", "r2")
+    answer = test_client.post("/predict", json={"images": [b64_png(1)]})
+    assert answer.status_code == 200
+    assert (answer.json["model"], answer.json["version"]) == ("counting", "r2")
+
+
 def test_one_image_and_top_k(client):
     response = client.post("/predict", json={"image": b64_png(3), "top_k": 2})
     assert response.status_code == 200

@@ -80,6 +80,23 @@ def test_card_checks_name_the_file_and_the_problem(tmp_path, change, message):
     assert str(path) in str(raised.value)
 
 
+@pytest.mark.parametrize("version", ["", "v 2", "-v2", "x" * 65, 2, ["v2"]])
+def test_a_card_version_must_be_short_and_plain(tmp_path, version):
+    path = tmp_path / "m.card.json"
+    path.write_text(json.dumps(card_for(tmp_path / "m.weights.npz", "ab" * 32,
+                                        version=version)))
+    with pytest.raises(ModelError, match="version must be"):
+        resnet.load_card(path)
+
+
+def test_the_model_version_is_the_cards_own_else_the_weights_sha256(tmp_path):
+    card = card_for(tmp_path / "m.weights.npz", "ab" * 32)
+    assert resnet.model_version(card) == "ab" * 6
+    path = tmp_path / "m.card.json"
+    path.write_text(json.dumps({**card, "version": "2026.12-r2+relabel"}))
+    assert resnet.model_version(resnet.load_card(path)) == "2026.12-r2+relabel"
+
+
 def test_card_missing_or_not_json(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         resnet.load_card(tmp_path / "absent.card.json")
