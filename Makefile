@@ -112,7 +112,8 @@ lint: venv ## ruff, yamllint, ansible-lint (production profile)
 	yamllint -s .
 	ansible-lint
 
-test-python: host-packages venv kafka-archive ## unit, integration and end-to-end tests of the services
+test-python: host-packages venv kafka-archive ## the services' tests; tests/: settings drift and inventory precedence
+	python -m pytest -p no:cacheprovider tests
 	cd files/iot_pipeline && python -m pytest -p no:cacheprovider
 
 molecule: deps ## molecule test -s $(SCENARIO)

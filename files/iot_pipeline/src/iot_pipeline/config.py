@@ -13,6 +13,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# Largest encoded image the consumers accept: its base64 (4/3 of it) plus the JSON must still fit
+# in one record under the broker's message.max.bytes (~1 MiB). The roles deploy the same value.
+MAX_IMAGE_BYTES = 512 * 1024
+
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
@@ -110,7 +114,7 @@ COMMON_OPTIONS: tuple[Option, ...] = (
     Option("expected_image_size", "IOT_EXPECTED_IMAGE_SIZE",
            "WIDTHxHEIGHT every image must have ('any' to accept all)", image_size, default="32x32"),
     Option("max_image_bytes", "IOT_MAX_IMAGE_BYTES", "largest encoded image accepted, in bytes",
-           positive_int, default="1048576"),
+           positive_int, default=str(MAX_IMAGE_BYTES)),
 )
 
 # Both consumers: their group membership and how often a failing batch is tried.

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from iot_pipeline.config import MAX_IMAGE_BYTES
+
 SCHEMA_VERSION = 1
 IMAGE_FORMATS = frozenset({"PNG", "JPEG"})
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -160,7 +162,7 @@ def decode(
     value: bytes | None,
     *,
     expected_size: tuple[int, int] | None = None,
-    max_image_bytes: int = 1 << 20,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
     check_pixels: bool = True,
 ) -> Message:
     """Kafka record value -> ImageMessage or ResultMessage; InvalidMessage if it is neither.

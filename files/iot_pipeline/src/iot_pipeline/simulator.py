@@ -32,7 +32,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("devices", "IOT_SIM_DEVICES", "number of simulated devices", config.positive_int,
            default="10"),
     Option("rate", "IOT_SIM_RATE", "images per second over all devices (0: as fast as possible)",
-           config.non_negative_float, default="10"),
+           config.non_negative_float, default="20"),
     Option("count", "IOT_SIM_COUNT", "images to send, then exit (0: forever)",
            config.non_negative_int, default="0"),
     Option("dataset", "IOT_SIM_DATASET",
