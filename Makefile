@@ -42,7 +42,7 @@ help: ## list the entry points
 .PHONY: deps host-packages venv docker image kafka-archive vault
 deps: host-packages venv docker image kafka-archive vault ## install everything the other targets need
 
-host-packages: ## Debian packages on the controller (java, maven, postgresql, debootstrap)
+host-packages: ## Debian packages on the controller (java, maven, postgresql, debootstrap, promtool, chromium)
 	scripts/install-host-packages.sh
 
 venv: ## .venv with pinned ansible, molecule, testinfra, linters and the package
@@ -107,10 +107,12 @@ chaos: deps ## fault-injection runs with figures (local deployment)
 .PHONY: test lint test-python molecule molecule-tls test-all
 test: deps lint test-python molecule molecule-tls ## lint + Python tests + molecule default and tls scenarios
 
-lint: venv ## ruff, yamllint, ansible-lint (production profile)
+lint: venv host-packages ## ruff, yamllint, ansible-lint (production profile), promtool checks and tests of the alert rules
 	ruff check files/iot_pipeline
 	yamllint -s .
 	ansible-lint
+	promtool check rules roles/prometheus/files/rules/*.rules.yml
+	cd roles/prometheus/files/rules && promtool test rules *.test.yml
 
 test-python: host-packages venv kafka-archive ## the services' tests; tests/: settings drift and inventory precedence
 	python -m pytest -p no:cacheprovider tests
