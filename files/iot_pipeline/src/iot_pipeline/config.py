@@ -61,6 +61,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port from 0 to 65535")
+    return value
+
+
 def comma_list(text: str) -> tuple[str, ...]:
     items = tuple(part.strip() for part in text.split(",") if part.strip())
     if not items:
@@ -129,6 +136,31 @@ CONSUMER_OPTIONS: tuple[Option, ...] = (
            "attempts at a batch that fails unexpectedly before its failing records are "
            "dead-lettered", positive_int, default="3"),
 )
+
+
+def metrics_options(default_port: int) -> tuple[Option, ...]:
+    """The Prometheus endpoint of a service; each service has its own default port."""
+    return (
+        Option("metrics_port", "IOT_METRICS_PORT",
+               "port of the Prometheus /metrics endpoint (0: no endpoint)", port_number,
+               default=str(default_port)),
+        # Loopback unless told otherwise: the roles pass the host's pipeline-network address.
+        Option("metrics_address", "IOT_METRICS_ADDRESS",
+               "address the /metrics endpoint binds to (0.0.0.0: every interface)",
+               default="127.0.0.1"),
+    )
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Where a service serves its Prometheus metrics; port 0 serves none."""
+
+    address: str = "127.0.0.1"
+    port: int = 0
+
+
+def metrics_settings(values: Mapping[str, Any]) -> MetricsSettings:
+    return MetricsSettings(address=values["metrics_address"], port=values["metrics_port"])
 
 
 @dataclass(frozen=True)

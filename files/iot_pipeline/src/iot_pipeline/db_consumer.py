@@ -9,19 +9,25 @@ No record can stop the consumer: one PostgreSQL refuses (a data error, a constra
 bisecting the batch and dead-lettered with the database's error, the rest is stored; a batch that
 fails unexpectedly is tried IOT_MAX_ATTEMPTS times, then record by record, and the records that
 still fail are dead-lettered with the exception (kafka_io.with_bounded_attempts).
+
+Prometheus metrics on IOT_METRICS_ADDRESS:IOT_METRICS_PORT (:class:`Metrics`): rows written by
+kind, batch sizes, transaction time, dead letters by reason, outages and retries, and the
+pipeline's end-to-end latency, produced_at to the row holding its result, once per row.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from kafka.consumer.fetcher import ConsumerRecord
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from iot_pipeline import config, kafka_io, messages, store
-from iot_pipeline.config import ConfigError, KafkaSettings, Option
+from iot_pipeline import config, kafka_io, messages, metrics, store
+from iot_pipeline.config import ConfigError, KafkaSettings, MetricsSettings, Option
 from iot_pipeline.runtime import StopFlag, backoff, configure_logging, run_until_stopped
 
 log = logging.getLogger("iot_pipeline.db_consumer")
@@ -40,6 +46,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("dsn", "IOT_DB_DSN",
            "libpq connection string; empty uses PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD",
            default=""),
+    *config.metrics_options(9103),
 )
 
 
@@ -56,6 +63,7 @@ class Settings:
     group_instance_id: str | None = None
     session_timeout_ms: int = 10_000
     max_attempts: int = 3
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 def load_settings(argv: Sequence[str] | None = None, environ=None) -> tuple[Settings, bool]:
@@ -82,6 +90,7 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> tuple[Sett
         group_instance_id=values["group_instance_id"],
         session_timeout_ms=values["session_timeout_ms"],
         max_attempts=values["max_attempts"],
+        metrics=config.metrics_settings(values),
     )
     return settings, values["migrate_only"]
 
@@ -106,10 +115,47 @@ def sort_batch(
     return decoded, rejected
 
 
+# Seconds from the simulator producing an image to its row holding the result: the pipeline's
+# latency, from well under a second to minutes behind a backlog.
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class Metrics:
+    """The DB consumer's Prometheus series."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rows_written = Counter(
+            "iot_db_rows_written", "Messages UPSERTed in committed transactions, by kind.",
+            ["kind"], registry=registry)
+        for kind in ("image", "result"):
+            self.rows_written.labels(kind=kind)
+        self.batch_size = Histogram("iot_db_batch_size", "Records per polled batch.",
+                                    buckets=metrics.BATCH_BUCKETS, registry=registry)
+        self.transaction_seconds = Histogram(
+            "iot_db_transaction_seconds",
+            "Seconds to store one batch (its transactions, bisection included).",
+            buckets=metrics.LATENCY_BUCKETS, registry=registry)
+        self.dead_letters = kafka_io.dead_letters_metric(registry)
+        self.outages = Counter("iot_db_outages",
+                               "Times PostgreSQL became unavailable (connect or write failed).",
+                               registry=registry)
+        self.retries = Counter("iot_db_retries",
+                               "Attempts to reach PostgreSQL again after a failure.",
+                               registry=registry)
+        self.e2e_latency = Histogram(
+            "iot_e2e_latency_seconds",
+            "Seconds from an image's produced_at to its row holding both image and result "
+            "(observed once per row, when the row becomes complete).",
+            buckets=E2E_BUCKETS, registry=registry)
+
+
 class DbConsumer:
-    def __init__(self, settings: Settings, stop: StopFlag) -> None:
+    def __init__(self, settings: Settings, stop: StopFlag,
+                 registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.stop = stop
+        self.registry = registry or metrics.registry()
+        self.metrics = Metrics(self.registry)
         self.consumer = kafka_io.consumer(
             settings.kafka, settings.group_id,
             [settings.kafka.images_topic, settings.kafka.results_topic],
@@ -120,8 +166,9 @@ class DbConsumer:
             isolation_level="read_committed",
         )
         self.producer = kafka_io.producer(settings.kafka, client_id="iot-db-consumer-dlq")
-        self.dead_letters = kafka_io.DeadLetters(self.producer, settings.kafka.dlq_topic,
-                                                 settings.group_id)
+        self.dead_letters = kafka_io.DeadLetters(
+            self.producer, settings.kafka.dlq_topic, settings.group_id,
+            count=lambda reason: self.metrics.dead_letters.labels("db", reason).inc())
         self.conn = None
         self.stored_images = 0
         self.stored_results = 0
@@ -142,6 +189,7 @@ class DbConsumer:
     def handle(self, batch: Sequence[ConsumerRecord]) -> bool:
         """Store or dead-letter every record of the batch, then commit its offsets; False when
         stopping first (nothing committed: Kafka replays the batch)."""
+        self.metrics.batch_size.observe(len(batch))
         if not kafka_io.with_bounded_attempts(batch, self.process, self.dead_letters,
                                               self.stop, self.settings.max_attempts):
             return False
@@ -159,6 +207,11 @@ class DbConsumer:
         if written is None:
             return False
         summary, refused = written
+        # Committed in PostgreSQL by now, whatever happens to the dead letters and the offsets.
+        self.metrics.rows_written.labels("image").inc(summary.images)
+        self.metrics.rows_written.labels("result").inc(summary.results)
+        for seconds in summary.completed:
+            self.metrics.e2e_latency.observe(max(0.0, seconds))
         for record, error in refused:
             self.dead_letters.send(record, error)
         self.dead_letters.confirm()
@@ -177,9 +230,16 @@ class DbConsumer:
                 try:
                     if self.conn is None or self.conn.closed:
                         self.conn = store.connect(self.settings.dsn)
-                    return store.write_isolating(self.conn, decoded)
+                    started = time.perf_counter()
+                    written = store.write_isolating(self.conn, decoded)
+                    if decoded:
+                        self.metrics.transaction_seconds.observe(time.perf_counter() - started)
+                    return written
                 except store.StoreUnavailable as exc:
                     self._close_connection()
+                    if not paused:
+                        self.metrics.outages.inc()
+                    self.metrics.retries.inc()
                     delay = next(delays)
                     log.error("PostgreSQL unavailable (%s); retrying in %.1fs", exc, delay)
                     if not paused:
@@ -198,10 +258,13 @@ class DbConsumer:
                 log.info("PostgreSQL is back")
 
     def _connect_until_up(self):
-        for delay in backoff():
+        for attempt, delay in enumerate(backoff()):
             try:
                 return store.connect(self.settings.dsn)
             except store.StoreUnavailable as exc:
+                if attempt == 0:
+                    self.metrics.outages.inc()
+                self.metrics.retries.inc()
                 log.error("cannot connect to PostgreSQL (%s); retrying in %.1fs", exc, delay)
                 if self.stop.wait(delay):
                     return None
@@ -237,7 +300,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ansible reads this line to report changed / ok.
         print("schema migrated" if ran else "schema up to date")
         return 0
-    return run_until_stopped(lambda stop: DbConsumer(settings, stop))
+    registry = metrics.registry()
+    try:
+        metrics.serve(registry, settings.metrics)
+    except metrics.MetricsError as exc:
+        log.error("%s", exc)
+        return 2
+    return run_until_stopped(lambda stop: DbConsumer(settings, stop, registry))
 
 
 if __name__ == "__main__":

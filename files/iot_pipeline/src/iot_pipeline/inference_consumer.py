@@ -15,6 +15,9 @@ time) batch by batch, in offset order, and the next batch's dead letters wait fo
 No record can stop the consumer: a batch that fails unexpectedly (a bug, an answer of the ML
 server it cannot read) is tried IOT_MAX_ATTEMPTS times, then image by image, and the images that
 still fail are dead-lettered with the exception as the reason (kafka_io.with_bounded_attempts).
+
+Prometheus metrics on IOT_METRICS_ADDRESS:IOT_METRICS_PORT (:class:`Metrics`); results and dead
+letters count once Kafka has them for good: acknowledged, or committed in their transaction.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ from kafka.errors import (
     ProducerFencedError,
 )
 from kafka.structs import OffsetAndMetadata, TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from iot_pipeline import config, kafka_io, messages
-from iot_pipeline.config import ConfigError, KafkaSettings, Option
+from iot_pipeline import config, kafka_io, messages, metrics
+from iot_pipeline.config import ConfigError, KafkaSettings, MetricsSettings, Option
 from iot_pipeline.messages import InvalidMessage
 from iot_pipeline.runtime import StopFlag, backoff, configure_logging, run_until_stopped
 
@@ -80,6 +84,7 @@ OPTIONS: tuple[Option, ...] = (
            "transactional.id of the results producer (exactly_once), stable across restarts and "
            "unique per consumer; empty: the group instance id, else <group_id>-<hostname>",
            default=None),
+    *config.metrics_options(9102),
 )
 
 
@@ -99,6 +104,7 @@ class Settings:
     max_attempts: int = 3
     delivery: str = "exactly_once"
     transactional_id: str | None = None
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
@@ -119,6 +125,7 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
         max_attempts=values["max_attempts"],
         delivery=values["delivery"],
         transactional_id=values["transactional_id"],
+        metrics=config.metrics_settings(values),
     )
 
 
@@ -196,10 +203,45 @@ class MlClient:
                       predictions)
 
 
+class Metrics:
+    """The inference consumer's Prometheus series."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.records_consumed = Counter("iot_inference_records_consumed",
+                                        "Records polled from the images topic (replays included).",
+                                        registry=registry)
+        self.batch_size = Histogram("iot_inference_batch_size", "Records per polled batch.",
+                                    buckets=metrics.BATCH_BUCKETS, registry=registry)
+        self.ml_request = Histogram("iot_inference_ml_request_seconds",
+                                    "Seconds per /predict call to the ML server, failed ones too.",
+                                    buckets=metrics.LATENCY_BUCKETS, registry=registry)
+        self.results_published = Counter(
+            "iot_inference_results_published",
+            "Results Kafka acknowledged (at-least-once) or committed in a transaction.",
+            registry=registry)
+        self.dead_letters = kafka_io.dead_letters_metric(registry)
+        self.commit_failures = Counter(
+            "iot_inference_commit_failures",
+            "Offset commits (or transactions committing them) that Kafka refused.",
+            registry=registry)
+        self.rebalances = Counter("iot_inference_rebalances",
+                                  "Partition assignments received (the first join included).",
+                                  registry=registry)
+
+    def consumed(self, batch: Sequence[ConsumerRecord]) -> None:
+        self.records_consumed.inc(len(batch))
+        self.batch_size.observe(len(batch))
+
+
 class InferenceConsumer:
-    def __init__(self, settings: Settings, stop: StopFlag) -> None:
+    def __init__(self, settings: Settings, stop: StopFlag,
+                 registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.stop = stop
+        self.registry = registry or metrics.registry()
+        self.metrics = Metrics(self.registry)
+        # Results sent in the open transaction: published once it commits.
+        self._uncommitted_results = 0
         self.ml = MlClient(settings.ml_server_url, settings.request_timeout_s)
         self.consumer = kafka_io.consumer(
             settings.kafka, settings.group_id, [settings.kafka.images_topic],
@@ -208,6 +250,7 @@ class InferenceConsumer:
             max_poll_interval_ms=600_000,
             group_instance_id=settings.group_instance_id,
             session_timeout_ms=settings.session_timeout_ms,
+            on_assigned=self.metrics.rebalances.inc,
         )
         self.exactly_once = settings.delivery == "exactly_once"
         if self.exactly_once:
@@ -222,8 +265,10 @@ class InferenceConsumer:
         else:
             self.producer = kafka_io.producer(settings.kafka, client_id="iot-inference-consumer")
             log.info("at-least-once delivery")
-        self.dead_letters = kafka_io.DeadLetters(self.producer, settings.kafka.dlq_topic,
-                                                 settings.group_id)
+        self.dead_letters = kafka_io.DeadLetters(
+            self.producer, settings.kafka.dlq_topic, settings.group_id,
+            count=lambda reason: self.metrics.dead_letters.labels("inference", reason).inc(),
+            transactional=self.exactly_once)
         self.classified = 0
 
     def run(self) -> None:
@@ -235,6 +280,8 @@ class InferenceConsumer:
                 batch = kafka_io.poll_batch(self.consumer, self.settings.batch_size,
                                             self.settings.batch_timeout_s,
                                             idle_timeout_s=0.0 if pending else 1.0)
+                if batch:
+                    self.metrics.consumed(batch)
                 submitted = self._submit(calls, batch) if batch else None
                 outcome = self._finish(pending) if pending is not None else None
                 if outcome is Outcome.STOPPED:
@@ -325,6 +372,7 @@ class InferenceConsumer:
     def process(self, batch: Sequence[ConsumerRecord]) -> bool:
         """Classify, publish and commit one batch, without overlap; False when stopping while
         the ML server is down or the transaction was aborted (the batch is replayed later)."""
+        self.metrics.consumed(batch)
         outcome = self._transact(batch, lambda: kafka_io.with_bounded_attempts(
             batch, self._process_once, self.dead_letters, self.stop,
             self.settings.max_attempts))
@@ -367,13 +415,18 @@ class InferenceConsumer:
         kafka_io.confirm_all(self.producer, futures, timeout_s=120)
         self.dead_letters.confirm()
         self.classified += len(results)
+        if self.exactly_once:
+            self._uncommitted_results += len(results)
+        else:
+            self.metrics.results_published.inc(len(results))
 
     def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> bool:
         """At-least-once: a refused commit is logged and replayed later (True either way).
         Exactly-once: the offsets join the transaction, which commits; False when Kafka refused
         (a rebalance, a coordinator moving) and the transaction must be aborted."""
         if not self.exactly_once:
-            kafka_io.commit(self.consumer, offsets)
+            if not kafka_io.commit(self.consumer, offsets):
+                self.metrics.commit_failures.inc()
             return True
         try:
             # The group metadata lets the broker fence a zombie of an old generation (KIP-447).
@@ -384,10 +437,14 @@ class InferenceConsumer:
                       "not authorized: stopping", self.transactional_id)
             raise
         except KafkaError as exc:
+            self.metrics.commit_failures.inc()
             log.warning("transaction committing offsets %s refused (%r): aborted, the batch is "
                         "tried again", {f"{tp.topic}[{tp.partition}]": o.offset
                                         for tp, o in offsets.items()}, exc)
             return False
+        self.metrics.results_published.inc(self._uncommitted_results)
+        self._uncommitted_results = 0
+        self.dead_letters.committed()
         return True
 
     def _abort(self, batch: Sequence[ConsumerRecord], quiet: bool = False) -> None:
@@ -397,6 +454,7 @@ class InferenceConsumer:
             return
         self.dead_letters.forget(batch)
         self.dead_letters.discard()
+        self._uncommitted_results = 0
         try:
             self.producer.abort_transaction()
         except KafkaError:
@@ -430,7 +488,8 @@ class InferenceConsumer:
         delays = backoff(maximum=ML_RETRY_MAX_S)
         while True:
             try:
-                answer = self.ml.classify([m.image_png for m in images])
+                with self.metrics.ml_request.time():
+                    answer = self.ml.classify([m.image_png for m in images])
                 break
             except MlUnavailable as exc:
                 delay = next(delays)
@@ -477,7 +536,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"inference-consumer: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    return run_until_stopped(lambda stop: InferenceConsumer(settings, stop))
+    registry = metrics.registry()
+    try:
+        metrics.serve(registry, settings.metrics)
+    except metrics.MetricsError as exc:
+        log.error("%s", exc)
+        return 2
+    return run_until_stopped(lambda stop: InferenceConsumer(settings, stop, registry))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,15 @@ group; only a member gone for longer than its session timeout is replaced.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import (
     CommitFailedError,
     FencedInstanceIdError,
@@ -27,6 +28,7 @@ from kafka.errors import (
     RebalanceInProgressError,
 )
 from kafka.structs import TopicPartition
+from prometheus_client import CollectorRegistry, Counter
 
 from iot_pipeline.config import KafkaSettings
 from iot_pipeline.messages import InvalidMessage
@@ -69,13 +71,15 @@ def consumer(
     *,
     group_instance_id: str | None = None,
     session_timeout_ms: int = 10_000,
+    on_assigned: Callable[[], None] | None = None,
     **overrides: Any,
 ) -> KafkaConsumer:
     """A manual-commit group member; static when ``group_instance_id`` is set.
 
     ``session_timeout_ms`` bounds how long the partitions of a member that died without a
     restart wait before the group moves them (kafka-python's default is 45 s); heartbeats go
-    every third of it, which is kafka-python's default ratio.
+    every third of it, which is kafka-python's default ratio. ``on_assigned`` is called each
+    time the group hands this member its partitions (the first join, then every rebalance).
     """
     config: dict[str, Any] = {
         **settings.client_config(),
@@ -92,12 +96,42 @@ def consumer(
     config.update(overrides)
     subscribed = sorted(set(topics))
     kafka_consumer = KafkaConsumer(**config)
-    kafka_consumer.subscribe(subscribed)
+    kafka_consumer.subscribe(subscribed, listener=_Assigned(on_assigned) if on_assigned else None)
     log.info("group %s subscribed to %s (%s member, session timeout %d ms)", group_id,
              ", ".join(subscribed),
              f"static {group_instance_id!r}" if group_instance_id else "dynamic",
              session_timeout_ms)
     return kafka_consumer
+
+
+class _Assigned(ConsumerRebalanceListener):
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+
+    def on_partitions_revoked(self, revoked) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self._callback()
+
+
+def admin(settings: KafkaSettings, client_id: str, **overrides: Any) -> KafkaAdminClient:
+    """An admin client with the services' TLS/SASL settings (offsets of groups and topics)."""
+    return KafkaAdminClient(**{**settings.client_config(), "client_id": client_id, **overrides})
+
+
+def offsets_reader(settings: KafkaSettings, client_id: str, **overrides: Any) -> KafkaConsumer:
+    """A consumer outside any group, for partitions' end offsets. read_committed: the end is the
+    last stable offset, what a read_committed member can reach (not an open transaction's)."""
+    config: dict[str, Any] = {
+        **settings.client_config(),
+        "client_id": client_id,
+        "group_id": None,
+        "enable_auto_commit": False,
+        "isolation_level": "read_committed",
+    }
+    config.update(overrides)
+    return KafkaConsumer(**config)
 
 
 def commit(kafka_consumer: KafkaConsumer, offsets: dict | None = None) -> bool:
@@ -191,15 +225,24 @@ class DeadLetters:
     (``dlq.reason``, ``dlq.detail``, ``dlq.source``, ``dlq.group``), as Kafka Connect does.
     A record is dead-lettered once per batch even when the batch is attempted again
     (:meth:`forget` ends the batch); ``by_reason`` counts what was sent, per reason.
+
+    ``count(reason)`` is called once per dead letter that really landed: when Kafka acknowledged
+    it (:meth:`confirm`), or, with a ``transactional`` producer, when its transaction committed
+    (:meth:`committed`); the dead letters of an aborted transaction are never counted.
     """
 
-    def __init__(self, kafka_producer: KafkaProducer, topic: str, group: str) -> None:
+    def __init__(self, kafka_producer: KafkaProducer, topic: str, group: str, *,
+                 count: Callable[[str], None] | None = None,
+                 transactional: bool = False) -> None:
         self._producer = kafka_producer
         self._topic = topic
         self._group = group
         self._pending: list[Any] = []
         self._sent: set[tuple[str, int, int]] = set()
-        self.by_reason: Counter[str] = Counter()
+        self._count = count
+        self._transactional = transactional
+        self._uncounted: list[str] = []
+        self.by_reason: collections.Counter[str] = collections.Counter()
         self.count = 0
 
     def send(self, record: ConsumerRecord, error: InvalidMessage) -> None:
@@ -221,16 +264,30 @@ class DeadLetters:
         self._pending.append(self._producer.send(
             self._topic, key=key, value=record.value, headers=headers,
         ))
+        self._uncounted.append(error.reason)
         self.count += 1
 
     def confirm(self, timeout_s: float = 60.0) -> None:
         """Block until every dead letter sent so far is acknowledged."""
         confirm_all(self._producer, self._pending, timeout_s)
         self._pending.clear()
+        if not self._transactional:
+            self._settle()
+
+    def committed(self) -> None:
+        """The transaction these dead letters were sent in committed: count them."""
+        self._settle()
 
     def discard(self) -> None:
         """The transaction these dead letters were sent in was aborted: stop waiting for them."""
         self._pending.clear()
+        self._uncounted.clear()
+
+    def _settle(self) -> None:
+        if self._count is not None:
+            for reason in self._uncounted:
+                self._count(reason)
+        self._uncounted.clear()
 
     def forget(self, records: Iterable[ConsumerRecord]) -> None:
         """The batch of these records is done (committed): a replay may dead-letter them again."""
@@ -241,6 +298,13 @@ class DeadLetters:
         """``3 (bad_json 2, bad_field 1)``: the stop line of each consumer."""
         reasons = ", ".join(f"{reason} {n}" for reason, n in self.by_reason.most_common())
         return f"{self.count} ({reasons})" if reasons else "0"
+
+
+def dead_letters_metric(registry: CollectorRegistry) -> Counter:
+    """``iot_dead_letters_total{service, reason}``, one name for both consumers."""
+    return Counter("iot_dead_letters", "Records sent to the dead-letter topic, by service and "
+                   "reason (acknowledged, or committed in a transaction).",
+                   ["service", "reason"], registry=registry)
 
 
 def unexpected(exc: BaseException, attempts: int) -> InvalidMessage:

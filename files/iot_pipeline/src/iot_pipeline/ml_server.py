@@ -6,7 +6,8 @@
 optional ``"top_k"``, and answers ``{"model": ..., "version": ..., "predictions": [{"label",
 "score", "top_k"}]}``.
 ``GET /health`` is 200 once the model is loaded (503 before), with the model's name and version
-(resnet.model_version); ``GET /metrics`` is Prometheus text.
+(resnet.model_version); ``GET /metrics`` is Prometheus text (prometheus_client; the sum over
+every gunicorn worker with PROMETHEUS_MULTIPROC_DIR, see :class:`Metrics`).
 Bad input gets a JSON error: 400 malformed, 413 too large (before the body is read), 422 an
 image that does not decode; the model is loaded in the background so the port opens at once.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +26,9 @@ from typing import Any
 
 import numpy as np
 from flask import Flask, Response, jsonify, request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
 from werkzeug.exceptions import HTTPException
 
 from iot_pipeline import config
@@ -71,50 +76,53 @@ class Settings:
 
 
 class Metrics:
-    """Counters of this worker process, in Prometheus text format."""
+    """The ML server's Prometheus series.
+
+    Under gunicorn every worker is a process of its own: with PROMETHEUS_MULTIPROC_DIR set (the
+    unit's runtime directory, empty at each start) prometheus_client keeps each worker's values
+    in files there and /metrics sums the workers' counters and histograms, whichever worker
+    answers the scrape; gunicorn_conf.py drops a dead worker's gauges. Without it (tests, a
+    single process) the app's own registry is served.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.images = 0
-        self.buckets = [0] * len(LATENCY_BUCKETS)
-        self.latency_sum = 0.0
-        self.latency_count = 0
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self.registry = CollectorRegistry()
+        self.requests = Counter("iot_ml_requests", "HTTP requests by endpoint and status.",
+                                ["endpoint", "status"], registry=self.registry)
+        self.images = Counter("iot_ml_images", "Images classified.", registry=self.registry)
+        self.predict_seconds = Histogram("iot_ml_predict_seconds",
+                                         "Seconds to classify one request's images.",
+                                         buckets=LATENCY_BUCKETS, registry=self.registry)
+        # livemin: 1 only when every live worker has its model (one still loading answers 503).
+        self.model_loaded = Gauge("iot_ml_model_loaded", "1 once the model answers, else 0.",
+                                  multiprocess_mode="livemin", registry=self.registry)
+        self.model_info = Gauge("iot_ml_model_info", "The loaded model's name and version (1).",
+                                ["name", "version"], multiprocess_mode="livemax",
+                                registry=self.registry)
+        self.model_loaded.set(0)
 
-    def observe(self, endpoint: str, status: int, images: int = 0, seconds: float | None = None):
-        with self._lock:
-            key = (endpoint, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.images += images
-            if seconds is not None:
-                self.latency_sum += seconds
-                self.latency_count += 1
-                for i, bound in enumerate(LATENCY_BUCKETS):
-                    if seconds <= bound:
-                        self.buckets[i] += 1
+    def observe(self, endpoint: str, status: int, images: int = 0,
+                seconds: float | None = None) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        if images:
+            self.images.inc(images)
+        if seconds is not None:
+            self.predict_seconds.observe(seconds)
 
-    def render(self, model_loaded: bool, model_name: str) -> str:
-        with self._lock:
-            lines = [
-                "# HELP iot_ml_requests_total HTTP requests by endpoint and status.",
-                "# TYPE iot_ml_requests_total counter",
-                *(f'iot_ml_requests_total{{endpoint="{e}",status="{s}"}} {n}'
-                  for (e, s), n in sorted(self.requests.items())),
-                "# HELP iot_ml_images_total Images classified.",
-                "# TYPE iot_ml_images_total counter",
-                f"iot_ml_images_total {self.images}",
-                "# HELP iot_ml_predict_seconds Time to classify one request's images.",
-                "# TYPE iot_ml_predict_seconds histogram",
-                *(f'iot_ml_predict_seconds_bucket{{le="{b}"}} {n}'
-                  for b, n in zip(LATENCY_BUCKETS, self.buckets, strict=True)),
-                f'iot_ml_predict_seconds_bucket{{le="+Inf"}} {self.latency_count}',
-                f"iot_ml_predict_seconds_sum {self.latency_sum:.6f}",
-                f"iot_ml_predict_seconds_count {self.latency_count}",
-                "# HELP iot_ml_model_loaded 1 once the model answers.",
-                "# TYPE iot_ml_model_loaded gauge",
-                f'iot_ml_model_loaded{{model="{model_name}"}} {int(model_loaded)}',
-            ]
-        return "\n".join(lines) + "\n"
+    def loaded(self, name: str, version: str) -> None:
+        self.model_info.labels(name, version).set(1)
+        self.model_loaded.set(1)
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """What a scrape gets and its content type: the format the Accept header asks for, as
+        prometheus_client's own HTTP server chooses it for the other services."""
+        registry = self.registry
+        if self.multiprocess_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.multiprocess_dir)
+        encode, content_type = choose_encoder(accept or "")
+        return encode(registry), content_type
 
 
 class BadRequest(Exception):
@@ -187,15 +195,19 @@ def create_app(
     def build_model() -> None:
         try:
             if classifier_factory is not None:
-                state["classifier"] = classifier_factory(settings)
+                classifier = classifier_factory(settings)
             else:
                 from iot_pipeline.model import Classifier
 
-                state["classifier"] = Classifier(settings.weights, settings.input_size,
-                                                 settings.tf_threads)
+                classifier = Classifier(settings.weights, settings.input_size,
+                                        settings.tf_threads)
         except Exception as exc:
             log.exception("model failed to load")
             state["error"] = str(exc)
+            return
+        # The gauges first: once /health says ok, a scrape sees the model loaded.
+        metrics.loaded(classifier.name, str(getattr(classifier, "version", "") or ""))
+        state["classifier"] = classifier
 
     threading.Thread(target=build_model, name="model-loader", daemon=True).start()
 
@@ -211,9 +223,8 @@ def create_app(
 
     @app.get("/metrics")
     def prometheus():
-        classifier = state["classifier"]
-        text = metrics.render(classifier is not None, getattr(classifier, "name", ""))
-        return Response(text, mimetype="text/plain; version=0.0.4")
+        body, content_type = metrics.exposition(request.headers.get("Accept"))
+        return Response(body, content_type=content_type)
 
     @app.post("/predict")
     def predict():

@@ -3,6 +3,10 @@
 Devices take turns at a fixed overall rate (or as fast as Kafka acknowledges): message i comes
 from device ``i mod devices`` and is keyed by it, so each device's images stay in order on one
 partition. Every message carries a fresh unique id and the image's true label.
+
+Its Prometheus metrics (images sent, acknowledged from the producer's callback, failed, and the
+send-to-ack latency) are served on IOT_METRICS_ADDRESS:IOT_METRICS_PORT while it runs; a finite
+IOT_SIM_COUNT takes the endpoint down with the process.
 """
 
 from __future__ import annotations
@@ -14,14 +18,15 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from iot_pipeline import config, dataset, kafka_io, messages
-from iot_pipeline.config import ConfigError, KafkaSettings, Option
+from iot_pipeline import config, dataset, kafka_io, messages, metrics
+from iot_pipeline.config import ConfigError, KafkaSettings, MetricsSettings, Option
 from iot_pipeline.runtime import StopFlag, configure_logging
 
 log = logging.getLogger("iot_pipeline.simulator")
@@ -49,6 +54,7 @@ OPTIONS: tuple[Option, ...] = (
            default=None),
     Option("progress_s", "IOT_SIM_PROGRESS_S", "seconds between progress lines",
            config.non_negative_float, default="5"),
+    *config.metrics_options(9101),
 )
 
 
@@ -65,33 +71,57 @@ class Settings:
     ack_log: str | None
     progress_s: float
     log_level: str = "INFO"
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
     values = config.load(OPTIONS, argv, environ, prog="iot-simulator",
                          description=__doc__.splitlines()[0])
-    fields = {k: values[k] for k in Settings.__dataclass_fields__ if k != "kafka"}
-    return Settings(kafka=config.kafka_settings(values), **fields)
+    fields = {k: values[k] for k in Settings.__dataclass_fields__ if k not in ("kafka", "metrics")}
+    return Settings(kafka=config.kafka_settings(values), metrics=config.metrics_settings(values),
+                    **fields)
+
+
+class Metrics:
+    """The simulator's Prometheus series (served while it runs)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.sent = Counter("iot_simulator_images_sent", "Images handed to the Kafka producer.",
+                            registry=registry)
+        self.acked = Counter("iot_simulator_images_acked",
+                             "Images Kafka acknowledged (acks=all).", registry=registry)
+        self.failed = Counter("iot_simulator_images_failed",
+                              "Images Kafka did not acknowledge (delivery timed out or refused).",
+                              registry=registry)
+        self.send_latency = Histogram(
+            "iot_simulator_send_latency_seconds",
+            "Seconds from handing an image to the producer to Kafka's acknowledgement.",
+            buckets=metrics.LATENCY_BUCKETS, registry=registry)
 
 
 class Tally:
     """Acknowledgements and failures, updated from the producer's I/O thread."""
 
-    def __init__(self, ack_log: TextIO | None) -> None:
+    def __init__(self, ack_log: TextIO | None, counters: Metrics | None = None) -> None:
         self._lock = threading.Lock()
         self.acked = 0
         self.failed = 0
         self._ack_log = ack_log
+        self.metrics = counters or Metrics(CollectorRegistry())
 
-    def acknowledge(self, unique_id: str) -> None:
+    def acknowledge(self, unique_id: str, sent_at: float | None = None) -> None:
         with self._lock:
             self.acked += 1
             if self._ack_log is not None:
                 self._ack_log.write(unique_id + "\n")
+        self.metrics.acked.inc()
+        if sent_at is not None:
+            self.metrics.send_latency.observe(time.monotonic() - sent_at)
 
     def fail(self, unique_id: str, error: Exception) -> None:
         with self._lock:
             self.failed += 1
+        self.metrics.failed.inc()
         log.error("image %s was not acknowledged: %s", unique_id, error)
 
 
@@ -130,10 +160,12 @@ class Simulator:
                 image_png=self.png(index),
                 produced_at=messages.utc_now(),
             )
+            sent_at = time.monotonic()
             future = producer.send(settings.kafka.images_topic, key=device.encode(),
                                    value=message.to_bytes())
+            tally.metrics.sent.inc()
             uid = message.unique_id
-            future.add_callback(lambda _meta, uid=uid: tally.acknowledge(uid))
+            future.add_callback(lambda _meta, uid=uid, t=sent_at: tally.acknowledge(uid, t))
             future.add_errback(lambda exc, uid=uid: tally.fail(uid, exc))
             sent += 1
             now = time.monotonic()
@@ -155,6 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"iot-simulator: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    registry = metrics.registry()
+    counters = Metrics(registry)
+    try:
+        # Served while the simulator runs: a finite count ends the endpoint with the process.
+        server = metrics.serve(registry, settings.metrics)
+    except metrics.MetricsError as exc:
+        # An extra run (playbooks/simulate.yml, the benchmark) reads the service's environment
+        # file while the service may hold the port: it still sends, unscraped.
+        log.warning("%s: sending without a metrics endpoint", exc)
+        server = None
     try:
         data = dataset.load(settings.dataset, settings.split, settings.cache_dir)
     except dataset.DatasetError as exc:
@@ -166,10 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = StopFlag().install()
     producer = kafka_io.producer(settings.kafka, client_id="iot-simulator")
     with contextlib.ExitStack() as cleanup:
+        if server is not None:
+            cleanup.callback(server.shutdown)
         cleanup.callback(producer.close, timeout=30)
         ack_file = (cleanup.enter_context(Path(settings.ack_log).open("a", buffering=1))
                     if settings.ack_log else None)
-        tally = Tally(ack_file)
+        tally = Tally(ack_file, counters)
         Simulator(settings, stop, data).run(producer, tally)
     return 1 if tally.failed else 0
 

@@ -93,6 +93,17 @@ ON CONFLICT (unique_id) DO UPDATE SET
 """
 UPSERT_RESULTS_TEMPLATE = "(%s, %s, %s, %s, %s, %s, clock_timestamp())"
 
+# Appended to both UPSERTs: which rows this transaction completed (both halves stored, one of
+# them now: clock_timestamp() >= now(), the transaction's start) and their produce-to-stored
+# seconds, for the DB consumer's end-to-end latency histogram. A replayed message touches a row
+# completed earlier and is not counted again.
+RETURNING_COMPLETED = """
+RETURNING t.unique_id,
+    t.image_stored_at IS NOT NULL AND t.result_stored_at IS NOT NULL
+        AND GREATEST(t.image_stored_at, t.result_stored_at) >= now(),
+    EXTRACT(EPOCH FROM GREATEST(t.image_stored_at, t.result_stored_at) - t.produced_at)::float8
+"""
+
 
 class StoreUnavailable(RuntimeError):
     """PostgreSQL cannot be reached or lost the connection: retry later, lose nothing."""
@@ -129,9 +140,12 @@ Tag = TypeVar("Tag")
 class WriteSummary:
     images: int
     results: int
+    # Produce-to-stored seconds of each row the write completed (image and result both stored).
+    completed: tuple[float, ...] = ()
 
     def __add__(self, other: WriteSummary) -> WriteSummary:
-        return WriteSummary(self.images + other.images, self.results + other.results)
+        return WriteSummary(self.images + other.images, self.results + other.results,
+                            self.completed + other.completed)
 
 
 def _refused(exc: Exception) -> RecordRefused:
@@ -219,23 +233,26 @@ def write_batch(
     """
     images = _latest(images)
     results = _latest(results)
+    returned: list[tuple[str, bool, float | None]] = []
     try:
         with conn, conn.cursor() as cur:
             if images:
-                execute_values(cur, UPSERT_IMAGES, [
+                returned += execute_values(cur, UPSERT_IMAGES + RETURNING_COMPLETED, [
                     (m.unique_id, m.device_id, m.ground_truth, psycopg2.Binary(m.image_png),
                      m.produced_at) for m in images
-                ], template=UPSERT_IMAGES_TEMPLATE, page_size=1000)
+                ], template=UPSERT_IMAGES_TEMPLATE, page_size=1000, fetch=True)
             if results:
-                execute_values(cur, UPSERT_RESULTS, [
+                returned += execute_values(cur, UPSERT_RESULTS + RETURNING_COMPLETED, [
                     (m.unique_id, m.inferred_value, m.score, m.model, m.model_version,
                      m.inferred_at) for m in results
-                ], template=UPSERT_RESULTS_TEMPLATE, page_size=1000)
+                ], template=UPSERT_RESULTS_TEMPLATE, page_size=1000, fetch=True)
     except (psycopg2.OperationalError, psycopg2.InterfaceError, *_NOT_WRITABLE) as exc:
         raise StoreUnavailable(str(exc).strip()) from exc
     except _REFUSED as exc:
         raise _refused(exc) from exc
-    return WriteSummary(len(images), len(results))
+    # A row completed by the images statement is seen complete by the results one too.
+    completed = {uid: seconds for uid, done, seconds in returned if done and seconds is not None}
+    return WriteSummary(len(images), len(results), tuple(completed.values()))
 
 
 def write_isolating(

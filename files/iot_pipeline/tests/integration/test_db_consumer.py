@@ -25,6 +25,10 @@ from harness import (
 pytestmark = pytest.mark.integration
 
 
+def metric(consumer, name, **labels):
+    return consumer.registry.get_sample_value(name, labels) or 0.0
+
+
 def make_consumer(bootstrap, topics, dsn, batch_size=50, **extra):
     settings = db_consumer.Settings(
         kafka=KafkaSettings((bootstrap,), topics.images, topics.results, topics.dlq),
@@ -41,10 +45,15 @@ def test_image_and_result_in_either_order_make_one_complete_row(kafka_bootstrap,
         image_message("late-image", 1).to_bytes(),
         image_message("early-image", 2).to_bytes(),
     ])
-    with running_in_thread(make_consumer(kafka_bootstrap, kafka_topics, pg_dsn)):
+    with running_in_thread(make_consumer(kafka_bootstrap, kafka_topics, pg_dsn)) as consumer:
         wait_for(lambda: count(pg_dsn) == 2, 60, "two rows")
         produce(kafka_bootstrap, kafka_topics.results, [result_message("early-image").to_bytes()])
         wait_for(lambda: count(pg_dsn, "inferred_value IS NOT NULL") == 2, 60, "two results")
+    # The counters moved with the rows: each row completed once, from either side.
+    assert metric(consumer, "iot_db_rows_written_total", kind="image") == 2
+    assert metric(consumer, "iot_db_rows_written_total", kind="result") == 2
+    assert metric(consumer, "iot_e2e_latency_seconds_count") == 2
+    assert 0 < metric(consumer, "iot_e2e_latency_seconds_sum") < 120
     stored = {r[0]: r for r in rows(pg_dsn)}
     assert set(stored) == {"late-image", "early-image"}
     for _unique_id, ground_truth, inferred_value, data, device_id in stored.values():
@@ -58,9 +67,11 @@ def test_redelivered_messages_do_not_duplicate_rows(kafka_bootstrap, kafka_topic
     result = result_message("twice").to_bytes()
     produce(kafka_bootstrap, kafka_topics.images, [image, image, image])
     produce(kafka_bootstrap, kafka_topics.results, [result, result])
-    with running_in_thread(make_consumer(kafka_bootstrap, kafka_topics, pg_dsn)):
+    with running_in_thread(make_consumer(kafka_bootstrap, kafka_topics, pg_dsn)) as consumer:
         wait_for(lambda: count(pg_dsn, "inferred_value IS NOT NULL") == 1, 60, "the row")
+        wait_for(lambda: metric(consumer, "iot_db_batch_size_sum") == 5, 30, "all five records")
     assert count(pg_dsn) == 1
+    assert metric(consumer, "iot_e2e_latency_seconds_count") == 1  # replays complete nothing
 
 
 def test_bad_records_go_to_the_dead_letter_topic_and_good_ones_are_stored(
@@ -73,6 +84,8 @@ def test_bad_records_go_to_the_dead_letter_topic_and_good_ones_are_stored(
         wait_for(lambda: count(pg_dsn) == 2, 60, "the two good rows")
         wait_for(lambda: len(read_all(kafka_bootstrap, kafka_topics.dlq)) == 2, 30, "dead letters")
         assert consumer.dead_letters.count == 2
+    for reason in ("bad_json", "missing_field"):
+        assert metric(consumer, "iot_dead_letters_total", service="db", reason=reason) == 1
     dead = read_all(kafka_bootstrap, kafka_topics.dlq)
     assert sorted(headers(r)["dlq.reason"] for r in dead) == ["bad_json", "missing_field"]
     assert {r.value for r in dead} == {b"{not json", b'{"schema": 1, "type": "image"}'}
@@ -197,3 +210,24 @@ def test_an_unexpected_error_is_tried_a_bounded_number_of_times_then_dead_letter
     assert len(calls_with_bug) == 2 + (calls_with_bug[0] > 1)
     assert calls_with_bug[-1] == 1
     assert consumer.dead_letters.by_reason == {"unexpected_KeyError": 1}
+
+
+def test_a_write_reports_the_rows_it_completed_once_with_their_latency(pg_dsn):
+    """The UPSERTs return the rows they made complete: the DB consumer's end-to-end histogram."""
+    conn = store.connect(pg_dsn)
+    store.migrate(conn)
+    early = replace(image_message("e2e-a"), produced_at=messages.utc_now() - timedelta(seconds=30))
+    try:
+        assert store.write_batch(conn, [early], []).completed == ()  # no result yet
+        first = store.write_batch(conn, [], [result_message("e2e-a")])
+        assert len(first.completed) == 1
+        assert 30 <= first.completed[0] < 90
+        assert store.write_batch(conn, [early], [result_message("e2e-a")]).completed == ()
+        both = store.write_batch(conn, [image_message("e2e-b")], [result_message("e2e-b")])
+        assert len(both.completed) == 1
+        assert 0 <= both.completed[0] < 60
+        result_first = store.write_batch(conn, [], [result_message("e2e-c")])
+        assert result_first.completed == ()
+        assert len(store.write_batch(conn, [image_message("e2e-c")], []).completed) == 1
+    finally:
+        conn.close()

@@ -145,11 +145,15 @@ def test_a_model_that_fails_to_load_reports_failed():
 def test_metrics_count_requests_and_images(client):
     client.post("/predict", json={"images": [b64_png(1), b64_png(2)]})
     client.post("/predict", json={"image": "%%%"})
-    text = client.get("/metrics").get_data(as_text=True)
-    assert 'iot_ml_requests_total{endpoint="predict",status="200"} 1' in text
-    assert 'iot_ml_requests_total{endpoint="predict",status="400"} 1' in text
-    assert "iot_ml_images_total 2" in text
-    assert 'iot_ml_model_loaded{model="counting"} 1' in text
+    response = client.get("/metrics")
+    assert response.content_type.startswith("text/plain; version=")
+    text = response.get_data(as_text=True)
+    assert 'iot_ml_requests_total{endpoint="predict",status="200"} 1.0' in text
+    assert 'iot_ml_requests_total{endpoint="predict",status="400"} 1.0' in text
+    assert "iot_ml_images_total 2.0" in text
+    assert "iot_ml_predict_seconds_count 1.0" in text
+    assert "iot_ml_model_loaded 1.0" in text
+    assert 'iot_ml_model_info{name="counting",version=""} 1.0' in text
 
 
 def test_imagenet_labels_ship_with_the_package():
