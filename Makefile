@@ -108,7 +108,7 @@ chaos: deps ## fault-injection runs with figures (local deployment)
 test: deps lint test-python molecule molecule-tls ## lint + Python tests + molecule default and tls scenarios
 
 lint: venv host-packages ## ruff, yamllint, ansible-lint (production profile), promtool checks and tests of the alert rules
-	ruff check files/iot_pipeline
+	ruff check files/iot_pipeline tests
 	yamllint -s .
 	ansible-lint
 	promtool check rules roles/prometheus/files/rules/*.rules.yml
