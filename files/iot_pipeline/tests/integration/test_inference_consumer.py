@@ -55,6 +55,10 @@ class HttpServer:
         self.thread.join(10)
 
 
+def metric(consumer, name, **labels):
+    return consumer.registry.get_sample_value(name, labels) or 0.0
+
+
 def make_consumer(bootstrap, topics, port, batch_size=8, **extra):
     settings = inference_consumer.Settings(
         kafka=KafkaSettings((bootstrap,), topics.images, topics.results, topics.dlq),
@@ -76,11 +80,16 @@ def test_every_image_gets_one_result_in_batches(kafka_bootstrap, kafka_topics):
     produce(kafka_bootstrap, kafka_topics.images,
             [image_message(f"img-{i}", value=i).to_bytes() for i in range(40)])
     with HttpServer(port, classifier), \
-            running_in_thread(make_consumer(kafka_bootstrap, kafka_topics, port)):
+            running_in_thread(make_consumer(kafka_bootstrap, kafka_topics, port)) as consumer:
         wait_for(lambda: len(read_all(kafka_bootstrap, kafka_topics.results)) >= 40, 60,
                  "40 results")
     results = results_by_id(kafka_bootstrap, kafka_topics.results)
     assert len(read_all(kafka_bootstrap, kafka_topics.results)) == 40
+    # The counters moved with the work: each result counted once, when its transaction committed.
+    assert metric(consumer, "iot_inference_results_published_total") == 40
+    assert metric(consumer, "iot_inference_records_consumed_total") >= 40
+    assert metric(consumer, "iot_inference_ml_request_seconds_count") == len(classifier.batches)
+    assert metric(consumer, "iot_inference_rebalances_total") >= 1
     assert {uid: r.inferred_value for uid, r in results.items()} == {
         f"img-{i}": f"mean-{i}" for i in range(40)}
     assert all(r.model == "mean-test" for r in results.values())
@@ -143,6 +152,8 @@ def test_bad_messages_are_dead_lettered_and_results_on_the_images_topic_skipped(
                  "one result and two dead letters")
     dead = read_all(kafka_bootstrap, kafka_topics.dlq)
     assert sorted(headers(r)["dlq.reason"] for r in dead) == ["bad_json", "corrupt_image"]
+    for reason in ("bad_json", "corrupt_image"):
+        assert metric(consumer, "iot_dead_letters_total", service="inference", reason=reason) == 1
     assert {headers(r)["dlq.group"] for r in dead} == {f"infer-{kafka_topics.images}"}
     assert set(results_by_id(kafka_bootstrap, kafka_topics.results)) == {"good"}
 
