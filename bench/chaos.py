@@ -5,7 +5,9 @@ acknowledged) at a moderate rate while a fault is injected, waits (bounded) unti
 drains, then a checker compares the ack log with iot_image_data:
 
 - lost: acknowledged but no row, or a row without inferred_value or data;
-- duplicated: acknowledged ids with more than one row (the unique constraint forbids it; checked);
+- dup_rows: acknowledged ids with more than one row (the unique constraint forbids it; checked);
+- dup_results: image ids with more than one result record on the results topic, read as the DB
+  writers read it (read_committed; the same count read_uncommitted shows aborted transactions);
 - unexpected: rows created during the run (id above the run's start) whose id is not in the log;
 - DLQ records added (end offsets of the dead-letter topic before/after), time to drain (from the
   simulator's last image to the last acknowledged image stored with its prediction), and the
@@ -14,10 +16,15 @@ drains, then a checker compares the ack log with iot_image_data:
 Scenarios: 1 kill -9 the inference consumer every 10 s; 2 the same for the DB consumer; 3 kill -9
 the gunicorn worker once, then restart the ML server; 4 restart the Kafka broker; 5 stop
 PostgreSQL for 30 s; 6 1 % poison messages (17 kinds, images and results topics, see
-POISON_SNIPPET); 7 restart the ML host's container.
+POISON_SNIPPET); 7 restart the ML host's container; 8/9 freeze the inference / DB consumer
+(SIGSTOP for 60 s, then SIGCONT: its session and its open transaction time out meanwhile);
+10 a CPU-starved ML host (its container limited to 0.1 CPU for 60 s: the ML server answers
+slowly, calls time out and are retried).
 
-Writes bench/results/chaos-<stamp>.json and prints a table. Run from the repository root with
-the controller venv (PATH=.venv/bin:$PATH).
+Kill scenarios have drain targets (DRAIN_TARGETS_S); unit restarts beyond the faults' own kills
+count as a crash loop (restarts_unexplained). Writes bench/reports/chaos-<stamp>.json (commit the
+run the README cites) and prints a table. Run from the repository root with the controller venv
+(PATH=.venv/bin:$PATH).
 """
 
 from __future__ import annotations
@@ -68,6 +75,35 @@ if since is not None:
                 out["records"].append({"key": (r.key or b"").decode("utf-8", "replace"),
                                        "group": h.get("dlq.group"), "reason": h.get("dlq.reason")})
         todo = {tp for tp in todo if c.position(tp) < end[tp]}
+print(json.dumps(out))
+"""
+
+# Result records per image id on the results topic since `since` (end offsets), read as the DB
+# writers read it (read_committed) and, for comparison, read_uncommitted (aborted batches too).
+RESULTS_SNIPPET = """
+import collections, json, sys
+from kafka import KafkaConsumer, TopicPartition
+bootstrap, topic, since = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+out = {}
+for isolation in ("read_committed", "read_uncommitted"):
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level=isolation)
+    parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])]
+    end = c.end_offsets(parts)
+    counts = collections.Counter()
+    if since is not None:
+        c.assign(parts)
+        for tp in parts:
+            c.seek(tp, since.get(str(tp.partition), 0))
+        todo = {tp for tp in parts if c.position(tp) < end[tp]}
+        while todo:
+            for tp, recs in c.poll(timeout_ms=2000, max_records=2000).items():
+                counts.update(r.key for r in recs if r.key)
+            todo = {tp for tp in todo if c.position(tp) < end[tp]}
+    c.close()
+    out[isolation] = {"end": {str(tp.partition): off for tp, off in end.items()},
+                      "records": sum(counts.values()), "keys": len(counts),
+                      "dup_keys": sum(1 for n in counts.values() if n > 1),
+                      "dup_sample": [k.decode("utf-8", "replace") for k, n in counts.items() if n > 1][:5]}
 print(json.dumps(out))
 """
 
@@ -182,6 +218,11 @@ def dlq(since: dict | None = None) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def results(since: dict | None = None) -> dict:
+    out = sh(SIM, VENV_PY, "-c", RESULTS_SNIPPET, BOOTSTRAP, "iot-results", json.dumps(since))
+    return json.loads(out.strip().splitlines()[-1])
+
+
 class Simulator:
     """The simulator CLI as a transient unit on its host, in the background, with an ack log."""
 
@@ -236,7 +277,7 @@ SELECT
     missing, incomplete, complete, dup, unexpected, sample, extra_stored = psql(sql, prelude)[0]
     return {"acked": len(acked), "stored_complete": int(complete), "lost_no_row": int(missing),
             "lost_incomplete": int(incomplete), "lost": int(missing) + int(incomplete),
-            "duplicated": int(dup), "unexpected": int(unexpected),
+            "dup_rows": int(dup), "unexpected": int(unexpected),
             "unexpected_sample": sample.split(",") if sample else [],
             "extra_stored": int(extra_stored)}
 
@@ -254,6 +295,8 @@ class Ctx:
     def __init__(self, sim: Simulator, produce_s: float) -> None:
         self.sim, self.produce_s, self.t0 = sim, produce_s, time.monotonic()
         self.events: list[dict] = []
+        # Restarts each unit is expected to make because of the fault itself (kills).
+        self.expected_restarts: dict[str, int] = {}
 
     def at(self, t: float) -> None:
         time.sleep(max(0.0, self.t0 + t - time.monotonic()))
@@ -271,6 +314,7 @@ def every_10s_kill(host: str, unit: str) -> Fault:
             if not ctx.sim.running():
                 return
             sh(host, "systemctl", "kill", "--kill-whom=main", "-s", "KILL", unit)
+            ctx.expected_restarts[unit] = ctx.expected_restarts.get(unit, 0) + 1
             ctx.event(f"kill -9 {unit}")
             t += 10
     return fault
@@ -280,7 +324,7 @@ def ml_worker_then_restart(ctx: Ctx) -> None:
     ctx.at(0.25 * ctx.produce_s)
     master = sh(ML, "systemctl", "show", "-p", "MainPID", "--value", "iot-ml-server").strip()
     worker = sh(ML, "pgrep", "-P", master).split()[0]
-    sh(ML, "kill", "-9", worker)
+    sh(ML, "kill", "-9", worker)  # gunicorn's master replaces it: no unit restart
     ctx.event("kill -9 gunicorn worker", master=master, worker=worker)
     ctx.at(0.6 * ctx.produce_s)
     sh(ML, "systemctl", "restart", "iot-ml-server")
@@ -310,6 +354,33 @@ def ml_container_restart(ctx: Ctx) -> None:
     run(["docker", "restart", ML])
     ctx.event("docker restart iot-ml (returned)")
     ctx.event("units active again", after_s=round(wait_units_active(), 1))
+
+
+def freeze(host: str, unit: str, seconds: float = 60) -> Fault:
+    """SIGSTOP the unit's main process, SIGCONT it after `seconds`: longer than its session
+    timeout (the group moves on without it) and than the broker's transaction timeout."""
+    def fault(ctx: Ctx) -> None:
+        ctx.at(0.25 * ctx.produce_s)
+        sh(host, "systemctl", "kill", "--kill-whom=main", "-s", "STOP", unit)
+        ctx.event(f"SIGSTOP {unit}")
+        ctx.at(0.25 * ctx.produce_s + seconds)
+        sh(host, "systemctl", "kill", "--kill-whom=main", "-s", "CONT", unit)
+        ctx.event(f"SIGCONT {unit}")
+    return fault
+
+
+def starved_ml_host(cpus: float = 0.1, seconds: float = 60) -> Fault:
+    """Limit the ML host's container to `cpus` for `seconds` (docker update --cpus): the ML server
+    answers slowly, the inference consumer's calls time out and are retried."""
+    def fault(ctx: Ctx) -> None:
+        before = run(["docker", "inspect", "-f", "{{.HostConfig.NanoCpus}}", ML]).strip()
+        ctx.at(0.25 * ctx.produce_s)
+        run(["docker", "update", "--cpus", f"{cpus:g}", ML])
+        ctx.event(f"ML host limited to {cpus:g} CPU")
+        ctx.at(0.25 * ctx.produce_s + seconds)
+        run(["docker", "update", "--cpus", f"{int(before or 0) / 1e9:g}", ML])
+        ctx.event("ML host CPU limit lifted", nano_cpus=before)
+    return fault
 
 
 # Which consumer groups must dead-letter each poison kind (see POISON_SNIPPET), by its prefix.
@@ -343,7 +414,12 @@ SCENARIOS: dict[str, tuple[str, Fault | None]] = {
     "postgres-outage": ("stop PostgreSQL for 30 s", postgres_outage),
     "poison": ("1 % poison messages", poison),
     "ml-container": ("docker restart iot-ml", ml_container_restart),
+    "freeze-inference": ("SIGSTOP inference consumer 60 s", freeze(ML, "iot-inference-consumer")),
+    "freeze-db-consumer": ("SIGSTOP DB consumer 60 s", freeze(DB, "iot-db-consumer")),
+    "slow-ml": ("ML host starved to 0.1 CPU for 60 s", starved_ml_host()),
 }
+# Issue 12's recovery targets: seconds from the simulator's last image to the last image stored.
+DRAIN_TARGETS_S = {"kill-inference": 30, "kill-db-consumer": 15}
 
 
 def scenario(name: str, images: int, rate: float, drain_timeout_s: float, stall_s: float) -> dict:
@@ -353,6 +429,7 @@ def scenario(name: str, images: int, rate: float, drain_timeout_s: float, stall_
     wait_units_active()
     start_id = Db(DB).max_id()
     dlq_before = dlq()["end"]
+    results_before = results()["read_committed"]["end"]
     restarts_before = restarts()
     sim = Simulator(run_id, images, rate)
     ctx = Ctx(sim, images / rate)
@@ -391,16 +468,27 @@ def scenario(name: str, images: int, rate: float, drain_timeout_s: float, stall_
     figures = check(acked, start_id, orphans)
     after = dlq(dlq_before)
     records = after["records"]
+    res = results(results_before)
     restarts_after = restarts()
+    restarted = {u: restarts_after[u] - restarts_before.get(u, 0) for u in restarts_after}
     result = {
         "scenario": name, "fault": what, "run_id": run_id, "images": images, "rate": rate,
         "simulator_rc": rc, "simulator_tail": sim.output.strip().splitlines()[-3:],
         **figures,
+        "dup_results": res["read_committed"]["dup_keys"],
+        "results_committed": {k: res["read_committed"][k] for k in ("records", "keys", "dup_sample")},
+        "dup_results_uncommitted": res["read_uncommitted"]["dup_keys"],
+        "results_uncommitted_records": res["read_uncommitted"]["records"],
         "dlq_added": sum(after["end"].values()) - sum(dlq_before.values()),
         "dlq_by_group_reason": {},
         "drain_s": round(drained_at - sim_done, 1) if drained_at else None,
         "drained": drained_at is not None,
-        "restarts": {u: restarts_after[u] - restarts_before.get(u, 0) for u in restarts_after},
+        "drain_target_s": DRAIN_TARGETS_S.get(name),
+        "restarts": restarted,
+        "restarts_expected": dict(ctx.expected_restarts),
+        # A crash loop: restarts the fault does not explain (a kill -9 explains one each).
+        "restarts_unexplained": sum(max(0, n - ctx.expected_restarts.get(u, 0))
+                                    for u, n in restarted.items()),
         "events": ctx.events, "fault_errors": errors,
         "inactive_units_after": inactive_units(),
     }
@@ -428,21 +516,34 @@ def scenario(name: str, images: int, rate: float, drain_timeout_s: float, stall_
                                if r["key"] in sent}),
             "dlq_not_poison": sum(1 for r in records if r["key"] not in sent),
         }
+    target = result["drain_target_s"]
+    result["drain_met"] = None if target is None else bool(drained_at and result["drain_s"] <= target)
     log.info("scenario %s: %s", name, {k: result[k] for k in (
-        "acked", "stored_complete", "lost", "duplicated", "unexpected", "dlq_added", "drain_s")})
+        "acked", "stored_complete", "lost", "dup_rows", "dup_results", "unexpected", "dlq_added",
+        "drain_s", "restarts_unexplained")})
     return result
 
 
+def failing(r: dict) -> bool:
+    """A scenario fails on any loss or duplicate, an unexplained restart, a missed drain target,
+    or a poison record not dead-lettered."""
+    return bool(r["lost"] or r["dup_rows"] or r["dup_results"] or r["unexpected"]
+                or r["restarts_unexplained"] or r["drain_met"] is False
+                or ("poison" in r and not r["poison"]["all_dead_lettered"]))
+
+
 def table(results: list[dict]) -> str:
-    lines = [("| scenario | acked | stored complete | lost | dup | unexpected | DLQ added "
-              "| drain s | unit restarts |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [("| scenario | acked | stored complete | lost | dup rows | dup results | unexpected "
+              "| DLQ added | drain s (target) | unit restarts (unexplained) |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         rs = ", ".join(f"{u} {n}" for u, n in r["restarts"].items() if n) or "0"
         drain = f"{r['drain_s']:.1f}" if r["drain_s"] is not None else "not drained"
+        if r.get("drain_target_s"):
+            drain += f" (<= {r['drain_target_s']}: {'met' if r['drain_met'] else 'MISSED'})"
         lines.append(f"| {r['scenario']}: {r['fault']} | {r['acked']} | {r['stored_complete']} "
-                     f"| {r['lost']} | {r['duplicated']} | {r['unexpected']} | {r['dlq_added']} "
-                     f"| {drain} | {rs} |")
+                     f"| {r['lost']} | {r['dup_rows']} | {r['dup_results']} | {r['unexpected']} "
+                     f"| {r['dlq_added']} | {drain} | {rs} ({r['restarts_unexplained']}) |")
     return "\n".join(lines)
 
 
@@ -455,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-timeout", type=float, default=600, help="s after the simulator")
     parser.add_argument("--stall", type=float, default=90,
                         help="stop waiting after this many s without progress (units active)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench/results")
+    parser.add_argument("--out", type=Path, default=REPO / "bench/reports")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     names = [s for s in args.scenarios.split(",") if s]
@@ -484,7 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         if "poison" in r:
             print(f"poison: {json.dumps(r['poison'])}")
     print(f"\nwrote {path}")
-    bad = [r["scenario"] for r in done if r["lost"] or r["duplicated"] or r["unexpected"]]
+    bad = [r["scenario"] for r in done if failing(r)]
+    if bad:
+        print(f"failing scenarios: {bad}")
     return 1 if bad or len(done) < len(names) else 0
 
 

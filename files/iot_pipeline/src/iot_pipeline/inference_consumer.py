@@ -67,11 +67,11 @@ OPTIONS: tuple[Option, ...] = (
            default="http://127.0.0.1:8000"),
     Option("group_id", "IOT_INFER_GROUP_ID", "consumer group of the inference consumers",
            default="iot-inference"),
+    # 8 and no linger, as deployed: ResNet-50 on CPU gets slower per image at 16-32 (bench/).
     Option("batch_size", "IOT_INFER_BATCH_SIZE", "images per ML request", config.positive_int,
            default="8"),
     Option("batch_timeout_ms", "IOT_INFER_BATCH_TIMEOUT_MS",
            "how long to wait to fill a batch once an image arrived", config.non_negative_int,
-    # 8 and no linger, as deployed: ResNet-50 on CPU gets slower per image at 16-32 (bench/).
            default="0"),
     Option("request_timeout_s", "IOT_INFER_REQUEST_TIMEOUT_S", "ML request timeout in seconds",
            config.non_negative_float, default="60"),
@@ -242,6 +242,9 @@ class InferenceConsumer:
         self.metrics = Metrics(self.registry)
         # Results sent in the open transaction: published once it commits.
         self._uncommitted_results = 0
+        # Assignments received (kafka-python calls back from poll) and the last one acted on.
+        self._assignments = 0
+        self._assignments_seen = 0
         self.ml = MlClient(settings.ml_server_url, settings.request_timeout_s)
         self.consumer = kafka_io.consumer(
             settings.kafka, settings.group_id, [settings.kafka.images_topic],
@@ -250,7 +253,7 @@ class InferenceConsumer:
             max_poll_interval_ms=600_000,
             group_instance_id=settings.group_instance_id,
             session_timeout_ms=settings.session_timeout_ms,
-            on_assigned=self.metrics.rebalances.inc,
+            on_assigned=self._on_assigned,
         )
         self.exactly_once = settings.delivery == "exactly_once"
         if self.exactly_once:
@@ -271,6 +274,22 @@ class InferenceConsumer:
             transactional=self.exactly_once)
         self.classified = 0
 
+    def _on_assigned(self) -> None:
+        self._assignments += 1
+        self.metrics.rebalances.inc()
+
+    def _reassigned(self) -> bool:
+        """Exactly-once, after a new assignment: True once every position is back at the
+        group's committed offset. Batches polled before it must not commit: the member may have
+        lost its partitions meanwhile (a freeze longer than the session timeout), and the
+        positions kafka-python keeps across the rebalance may lie past aborted batches."""
+        if not self.exactly_once or self._assignments == self._assignments_seen:
+            return False
+        seen = self._assignments
+        if kafka_io.seek_to_committed(self.consumer):
+            self._assignments_seen = seen
+        return True
+
     def run(self) -> None:
         pending: InFlight | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ml-call") as calls:
@@ -280,6 +299,12 @@ class InferenceConsumer:
                 batch = kafka_io.poll_batch(self.consumer, self.settings.batch_size,
                                             self.settings.batch_timeout_s,
                                             idle_timeout_s=0.0 if pending else 1.0)
+                if self._reassigned():
+                    # Polled before the reset, or in flight: replayed from the committed offsets.
+                    if pending is not None and pending.future is not None:
+                        wait([pending.future])
+                    pending = None
+                    continue
                 if batch:
                     self.metrics.consumed(batch)
                 submitted = self._submit(calls, batch) if batch else None
@@ -291,9 +316,13 @@ class InferenceConsumer:
                     break
                 if outcome is Outcome.REWOUND:
                     # The next batch, already polled, starts after the aborted one: dropped,
-                    # both polled again from the first offsets of either.
-                    kafka_io.rewind(self.consumer, [*pending.batch,
-                                                    *(submitted.batch if submitted else ())])
+                    # both polled again from the committed offsets (where the aborted batch
+                    # began, unless the group moved the partitions meanwhile).
+                    if submitted is not None and submitted.future is not None:
+                        wait([submitted.future])
+                    if not kafka_io.seek_to_committed(self.consumer):
+                        kafka_io.rewind(self.consumer, [*pending.batch,
+                                                        *(submitted.batch if submitted else ())])
                     submitted = None
                 pending = submitted
             if pending is not None:

@@ -142,8 +142,9 @@ def commit(kafka_consumer: KafkaConsumer, offsets: dict | None = None) -> bool:
     idempotent results absorb. It happens while a broker restarts or the group coordinator moves
     (connection errors) and on a rebalance: kafka-python 3.x raises RebalanceInProgressError
     while the group is rejoining and CommitFailedError once this member's generation is stale.
-    In both cases the next poll() rejoins the group, the partitions kept start again from their
-    last committed offsets, and the batch is replayed.
+    In both cases the next poll() rejoins the group; kafka-python keeps the positions of the
+    partitions this member gets back (the batch was stored, a later commit covers it), and a
+    partition another member gets starts there from its last committed offset (replayed).
 
     FencedInstanceIdError is raised, not logged: another process runs with this member's
     group_instance_id, a configuration error that must stop one of the two.
@@ -155,7 +156,7 @@ def commit(kafka_consumer: KafkaConsumer, offsets: dict | None = None) -> bool:
         raise
     except (RebalanceInProgressError, CommitFailedError) as exc:
         log.warning("offset commit refused by a rebalance (%s): the next poll rejoins the "
-                    "group and the batch is replayed", exc)
+                    "group, a later commit covers the batch", exc)
         return False
     except KafkaError as exc:
         log.warning("offset commit failed (%s): the next commit covers it, or Kafka replays "
@@ -176,6 +177,30 @@ def rewind(kafka_consumer: KafkaConsumer, records: Iterable[ConsumerRecord]) -> 
         if tp in assigned:
             kafka_consumer.seek(tp, offset)
             log.info("rewound %s[%d] to %d", tp.topic, tp.partition, offset)
+
+
+def seek_to_committed(kafka_consumer: KafkaConsumer) -> bool:
+    """Move every assigned partition back to the group's committed offset (the beginning where
+    none is committed); False, logged, when the coordinator could not say (try again later).
+
+    kafka-python 3.x keeps a partition's fetch position across a rebalance that gives it back,
+    so after an aborted transaction or a new assignment the position may lie past records whose
+    results were never committed: only the committed offset is the truth then."""
+    assigned = sorted(kafka_consumer.assignment())
+    try:
+        committed = {tp: kafka_consumer.committed(tp) for tp in assigned}
+    except KafkaError as exc:
+        log.warning("committed offsets unavailable (%r): positions reset on the next poll", exc)
+        return False
+    for tp, offset in committed.items():
+        if offset is None:
+            kafka_consumer.seek_to_beginning(tp)
+        else:
+            kafka_consumer.seek(tp, offset)
+    if assigned:
+        log.info("positions reset to the committed offsets %s",
+                 {f"{tp.topic}[{tp.partition}]": o for tp, o in committed.items()})
+    return True
 
 
 def where(record: ConsumerRecord) -> str:

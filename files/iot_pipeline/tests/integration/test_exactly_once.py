@@ -242,3 +242,53 @@ def test_the_db_consumer_never_stores_an_aborted_result(kafka_bootstrap, kafka_t
                  60, "the committed result stored")
     stored = {r[0]: r[2] for r in rows(pg_dsn)}
     assert stored == {"aborted": None, "kept": "tabby"}
+
+
+# Longer than the session timeout below (`make chaos`'s freeze scenarios also outlast the
+# producer's 60 s transaction timeout).
+FREEZE_S = 15
+
+
+def test_a_frozen_consumer_past_its_session_loses_and_duplicates_nothing(
+        kafka_bootstrap, kafka_topics, tmp_path):
+    """SIGSTOP longer than the session timeout, images arriving meanwhile, then SIGCONT: the
+    group dropped the member, its open batch cannot commit, and kafka-python keeps the fetch
+    positions across the rejoin; every image still gets exactly one committed result."""
+    port = free_port()
+    first = [f"img-a{i}" for i in range(40)]
+    later = [f"img-b{i}" for i in range(40)]
+    produce(kafka_bootstrap, kafka_topics.images,
+            [image_message(uid, value=i).to_bytes() for i, uid in enumerate(first)])
+    env = service_env(kafka_bootstrap, kafka_topics,
+                      IOT_ML_SERVER_URL=f"http://127.0.0.1:{port}",
+                      IOT_INFER_GROUP_ID=f"infer-{kafka_topics.images}",
+                      IOT_INFER_BATCH_SIZE="4", IOT_INFER_BATCH_TIMEOUT_MS="0",
+                      IOT_KAFKA_GROUP_INSTANCE_ID="ml-1-iot-inference-consumer",
+                      IOT_KAFKA_SESSION_TIMEOUT_MS="6000")
+
+    class SlowClassifier(MeanClassifier):
+        def classify(self, pixels, top_k=5):
+            time.sleep(0.1)  # a batch is always at the ML server or being committed
+            return super().classify(pixels, top_k)
+
+    with HttpServer(port, SlowClassifier()):
+        proc = Process("infer-frozen", [str(BIN / "inference-consumer")], env, tmp_path)
+        try:
+            wait_for(lambda: len(read(kafka_bootstrap, kafka_topics.results,
+                                      "read_uncommitted", quiet_s=0.2)) >= 8, 60,
+                     "results to flow")
+            proc.proc.send_signal(signal.SIGSTOP)
+            produce(kafka_bootstrap, kafka_topics.images,
+                    [image_message(uid, value=i).to_bytes() for i, uid in enumerate(later)])
+            time.sleep(FREEZE_S)  # > session timeout: the coordinator drops the member
+            proc.proc.send_signal(signal.SIGCONT)
+            wait_for(lambda: len(read(kafka_bootstrap, kafka_topics.results, "read_committed",
+                                      quiet_s=0.5)) >= len(first + later), 90,
+                     "every committed result")
+            time.sleep(3)  # a late duplicate would show now
+            proc.assert_running()
+        finally:
+            proc.proc.send_signal(signal.SIGCONT)
+            proc.stop()
+    committed = result_ids(read(kafka_bootstrap, kafka_topics.results, "read_committed"))
+    assert sorted(committed) == sorted(first + later), proc.log()
