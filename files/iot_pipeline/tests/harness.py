@@ -35,7 +35,10 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval=
 
 def service_env(bootstrap: str, topics, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IOT_", "PG"))}
-    env.update(IOT_KAFKA_BOOTSTRAP_SERVERS=bootstrap, IOT_LOG_LEVEL="INFO", **topics.as_env())
+    # No metrics endpoint unless a test asks for one: two services of a test must not race for
+    # a default port.
+    env.update(IOT_KAFKA_BOOTSTRAP_SERVERS=bootstrap, IOT_LOG_LEVEL="INFO", IOT_METRICS_PORT="0",
+               **topics.as_env())
     env.update(extra)
     return env
 
