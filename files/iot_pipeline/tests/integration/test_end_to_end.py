@@ -5,9 +5,11 @@ import dataclasses
 import json
 import logging
 import time
+import urllib.request
 from contextlib import contextmanager
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from iot_pipeline import messages
 
@@ -45,9 +47,11 @@ def running_pipeline(kafka_bootstrap, kafka_topics, pg_dsn, tmp_path):
     assert CIFAR_DIR.is_dir(), f"real CIFAR-100 expected at {CIFAR_DIR} (set IOT_TEST_CIFAR_DIR)"
     processes = [start_ml_server(port, tmp_path, env)]
     try:
-        processes.append(Process("inference-consumer", [str(BIN / "inference-consumer")], env,
-                                 tmp_path))
-        processes.append(Process("db-consumer", [str(BIN / "db-consumer")], env, tmp_path))
+        for name in ("inference-consumer", "db-consumer"):
+            metrics_port = free_port()
+            processes.append(Process(name, [str(BIN / name)],
+                                     {**env, "IOT_METRICS_PORT": str(metrics_port)}, tmp_path))
+            processes[-1].metrics_port = metrics_port
         yield env, processes
         for process in processes:
             process.assert_running()
@@ -72,6 +76,15 @@ def simulate(env, tmp_path, count_, **extra):
     assert simulator.wait(120) == 0, simulator.log()
     simulator.stop()
     return ack_log.read_text().split()
+
+
+def scrape(process) -> dict[tuple[str, tuple], float]:
+    """The service's /metrics, as a real Prometheus would read it: {(name, labels): value}."""
+    url = f"http://127.0.0.1:{process.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def wait_complete(dsn, expected, processes, timeout=600):
@@ -108,6 +121,16 @@ def test_300_real_images_end_in_300_complete_rows(pipeline, pg_dsn, kafka_bootst
     # (300 images: +-6 points at 2 sigma); random weights would agree on ~1 %.
     assert agreeing / 300 >= card["test_top1"] - 0.15, (agreeing, card["test_top1"])
     assert read_all(kafka_bootstrap, kafka_topics.dlq) == []
+    # Each service's endpoint counted the same 300 (exactly once: results commit once).
+    inference, db = (p for p in processes if p.name in ("inference-consumer", "db-consumer"))
+    wait_for(lambda: scrape(db).get(("iot_e2e_latency_seconds_count", ())) == 300, 30,
+             "300 end-to-end latencies")
+    db_metrics, inference_metrics = scrape(db), scrape(inference)
+    assert db_metrics[("iot_db_rows_written_total", (("kind", "result"),))] >= 300
+    assert db_metrics[("iot_db_rows_written_total", (("kind", "image"),))] >= 300
+    assert 0 < db_metrics[("iot_e2e_latency_seconds_sum", ())] / 300 < elapsed
+    assert inference_metrics[("iot_inference_results_published_total", ())] == 300
+    assert inference_metrics[("iot_inference_records_consumed_total", ())] >= 300
     log.warning("end-to-end: 300 images in %.1fs (%.1f images/s)", elapsed, 300 / elapsed)
 
 
