@@ -104,7 +104,7 @@ chaos: deps ## fault-injection runs with figures (local deployment)
 	python bench/chaos.py $(CHAOS_ARGS)
 
 # --- tests ------------------------------------------------------------------------------------
-.PHONY: test lint test-python molecule molecule-tls test-all
+.PHONY: test lint test-python molecule molecule-tls molecule-rollout test-all
 test: deps lint test-python molecule molecule-tls ## lint + Python tests + molecule default and tls scenarios
 
 lint: venv host-packages ## ruff, yamllint, ansible-lint (production profile), promtool checks and tests of the alert rules
@@ -124,11 +124,15 @@ molecule: deps ## molecule test -s $(SCENARIO)
 molecule-tls: deps ## molecule test -s tls (the pipeline over TLS and SASL/SCRAM)
 	molecule test -s tls
 
+molecule-rollout: deps ## molecule test -s rollout (a model rolled out under load, two ML hosts)
+	molecule test -s rollout
+
 # Longer than CI's 90-minute budget on 2 cores allows, so CI runs `make test` only.
-test-all: test ## make test + every role scenario (kafka, postgresql, pipeline_app, zookeeper, cluster)
+test-all: test ## make test + every role scenario (kafka, postgresql, pipeline_app, zookeeper, cluster, rollout)
 	scripts/build-kafka-archive.sh 3.9.1
 	molecule test -s kafka
 	molecule test -s postgresql
 	molecule test -s pipeline_app
 	molecule test -s zookeeper
 	molecule test -s cluster
+	molecule test -s rollout
