@@ -35,10 +35,9 @@ def test_check_mode_on_the_converged_deployment_changes_nothing(host):
          "--check", "--diff"],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=900, check=False,
         env={**os.environ, "ANSIBLE_ROLES_PATH": str(PROJECT_DIR / "roles"),
-             "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json", "ANSIBLE_FORCE_COLOR": "0",
-             # molecule's profile_tasks would print its timings after the JSON.
-             "ANSIBLE_CALLBACKS_ENABLED": ""},
+             "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json", "ANSIBLE_FORCE_COLOR": "0"},
     )
+    # molecule's profile_tasks callback prints its timings around the JSON report.
     start = run.stdout.find("{")
     assert start >= 0, run.stdout[-3000:] + run.stderr[-3000:]
     report, _ = json.JSONDecoder().raw_decode(run.stdout[start:])
