@@ -39,8 +39,8 @@ help: ## list the entry points
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 # --- set-up (each step is idempotent and fast when already done) ------------------------------
-.PHONY: deps host-packages venv docker image kafka-archive vault
-deps: host-packages venv docker image kafka-archive vault ## install everything the other targets need
+.PHONY: deps host-packages venv docker image kafka-archive jmx-exporter vault
+deps: host-packages venv docker image kafka-archive jmx-exporter vault ## install everything the other targets need
 
 host-packages: ## Debian packages on the controller (java, maven, postgresql, debootstrap, promtool, chromium)
 	scripts/install-host-packages.sh
@@ -56,6 +56,9 @@ image: docker ## build the Debian 12 systemd base image (debootstrap + docker im
 
 kafka-archive: ## build the offline Kafka archive from Maven Central into .cache/kafka
 	scripts/build-kafka-archive.sh $(KAFKA_VERSION)
+
+jmx-exporter: ## fetch the Prometheus JMX exporter agent (sha256-checked) into .cache/jmx-exporter
+	scripts/fetch-jmx-exporter.sh
 
 vault: venv ## create the local inventory's vault (random passwords) if missing
 	scripts/local-vault.sh

@@ -39,7 +39,8 @@ chmod 0600 "$PASSWORD_FILE"
 
 # Every secret the playbooks read; a vault made by an older version gets the missing ones added.
 SECRETS=(vault_postgresql_app_password vault_postgresql_owner_password vault_pki_ca_passphrase
-         vault_kafka_simulator_password vault_kafka_inference_password vault_kafka_db_writer_password)
+         vault_kafka_simulator_password vault_kafka_inference_password vault_kafka_db_writer_password
+         vault_postgresql_monitor_password)
 
 plain="$(mktemp "${TMPDIR:-/tmp}/local-vault.XXXXXX")"
 trap 'rm -f "$plain"' EXIT
