@@ -1,5 +1,7 @@
 """Shared by the default scenario's testinfra modules: the roles' names and small readers."""
 
+from pathlib import Path
+
 APP_USER = "iot"
 ENV_DIR = "/etc/iot-pipeline"
 KAFKA_BIN = "/opt/kafka/current/bin"
@@ -59,3 +61,11 @@ def exposure(host, unit):
     ).splitlines()[-1]
     # "→ Overall exposure level for iot-db-consumer.service: 1.2 OK :-)"
     return float(last.split(":")[1].split()[0])
+
+
+def inventory_dir(host):
+    """The scenario's inventory directory, for ansible-playbook -i: molecule hands testinfra the
+    directory itself (ansible_inventory.yml plus the linked hosts and group_vars). Its parent, the
+    ephemeral directory, would parse the hosts yet drop the group_vars (the vault among them)."""
+    path = Path(host.backend.ansible_inventory)
+    return path if path.is_dir() else path.parent

@@ -7,6 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from helpers import inventory_dir
+
 testinfra_hosts = ["ansible://kafka"]
 
 PROJECT_DIR = Path(
@@ -29,9 +31,9 @@ def offending_tasks(report):
 
 
 def test_check_mode_on_the_converged_deployment_changes_nothing(host):
-    inventory_dir = Path(host.backend.ansible_inventory).parent
+    inventory = inventory_dir(host)
     run = subprocess.run(
-        ["ansible-playbook", "-i", str(inventory_dir), str(PROJECT_DIR / "playbooks" / "site.yml"),
+        ["ansible-playbook", "-i", str(inventory), str(PROJECT_DIR / "playbooks" / "site.yml"),
          "--check", "--diff"],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=900, check=False,
         env={**os.environ, "ANSIBLE_ROLES_PATH": str(PROJECT_DIR / "roles"),

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import inventory_dir
 
 testinfra_hosts = ["ansible://ml"]
 
@@ -31,7 +32,7 @@ def install_model(host, tmp_path, weights):
     play = tmp_path / "model.yml"
     play.write_text(PLAY)
     run = subprocess.run(
-        ["ansible-playbook", "-i", str(Path(host.backend.ansible_inventory).parent), str(play),
+        ["ansible-playbook", "-i", str(inventory_dir(host)), str(play),
          "-e", f"ml_server_weights_src={weights}", "-e", "ml_server_model_dir=/tmp/model-check"],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "ANSIBLE_ROLES_PATH": str(PROJECT_DIR / "roles")},

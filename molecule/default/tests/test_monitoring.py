@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from helpers import MAX_EXPOSURE, exposure, unit_state
+from helpers import MAX_EXPOSURE, exposure, inventory_dir, unit_state
 
 testinfra_hosts = ["ansible://monitoring"]
 
@@ -69,7 +69,7 @@ def simulate(host, images, rate, wait=True):
     argv = [
         "ansible-playbook",
         "-i",
-        str(Path(host.backend.ansible_inventory).parent),
+        str(inventory_dir(host)),
         str(PROJECT_DIR / "playbooks" / "simulate.yml"),
         "-e",
         f"images={images}",
@@ -196,7 +196,9 @@ def test_each_service_metric_moves_with_images(host):
         now = {name: value(host, e) or 0.0 for name, e in expr.items()}
         still = [name for name in MOVING if now[name] <= before[name]]
         print(f"not moved yet: {still}")
-        return not still and now["lag_exporter"] >= end_offset and now
+        stored = now["db_consumer"] - before["db_consumer"]
+        print(f"rows counted by the DB writer: {stored} of {images}")
+        return not still and now["lag_exporter"] >= end_offset and stored >= images and now
 
     now = wait_until("every service's metric moved", moved)
     assert now["db_consumer"] - before["db_consumer"] >= images

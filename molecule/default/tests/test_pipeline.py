@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TABLE, TOPICS, kafka_cli, psql_postgres, unit_state
+from helpers import TABLE, TOPICS, inventory_dir, kafka_cli, psql_postgres, unit_state
 
 testinfra_hosts = ["ansible://database"]
 
@@ -92,12 +92,12 @@ def test_dead_letter_topic_empty(host):
 def test_simulate_more_images(host):
     # 200 on a fresh deployment (the test above); counting from here keeps a rerun of verify valid.
     before = row_counts(host)["total"]
-    inventory_dir = Path(host.backend.ansible_inventory).parent
+    inventory = inventory_dir(host)
     run = subprocess.run(
         [
             "ansible-playbook",
             "-i",
-            str(inventory_dir),
+            str(inventory),
             str(PROJECT_DIR / "playbooks" / "simulate.yml"),
             "-e",
             f"images={MORE}",
