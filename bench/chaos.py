@@ -42,7 +42,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import VENV_PY, Db, run  # bench/run.py: docker exec helpers
+from layout import layout  # bench/layout.py: the deployed paths
+from run import Db, run  # bench/run.py: docker exec helpers
 
 log = logging.getLogger("chaos")
 REPO = Path(__file__).resolve().parent.parent
@@ -214,12 +215,12 @@ def wait_units_active(timeout_s: float = 240) -> float:
 
 
 def dlq(since: dict | None = None) -> dict:
-    out = sh(SIM, VENV_PY, "-c", DLQ_SNIPPET, BOOTSTRAP, "iot-dead-letter", json.dumps(since))
+    out = sh(SIM, layout().python, "-c", DLQ_SNIPPET, BOOTSTRAP, "iot-dead-letter", json.dumps(since))
     return json.loads(out.strip().splitlines()[-1])
 
 
 def results(since: dict | None = None) -> dict:
-    out = sh(SIM, VENV_PY, "-c", RESULTS_SNIPPET, BOOTSTRAP, "iot-results", json.dumps(since))
+    out = sh(SIM, layout().python, "-c", RESULTS_SNIPPET, BOOTSTRAP, "iot-results", json.dumps(since))
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -227,13 +228,12 @@ class Simulator:
     """The simulator CLI as a transient unit on its host, in the background, with an ack log."""
 
     def __init__(self, run_id: str, images: int, rate: float) -> None:
-        self.ack_path = f"/var/lib/iot-pipeline/chaos-{run_id}.ack"
+        self.ack_path = f"{layout().state_dir}/chaos-{run_id}.ack"
         self.proc = subprocess.Popen(
             ["docker", "exec", SIM, "systemd-run", "--wait", "--pipe", "--quiet", "--collect",
              "--unit", f"iot-simulator-chaos-{run_id}",
-             "-p", "EnvironmentFile=/etc/iot-pipeline/iot-simulator.env",
-             "-p", "User=iot", "-p", "Group=iot", "-p", "WorkingDirectory=/var/lib/iot-pipeline",
-             "/opt/iot-pipeline/venv/bin/iot-simulator", "--count", str(images),
+             *layout().run_as("iot-simulator"),
+             layout().script("iot-simulator"), "--count", str(images),
              "--rate", f"{rate:g}", "--progress-s", "0", "--ack-log", self.ack_path],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -398,7 +398,7 @@ def poison_groups(kind: str) -> tuple[str, ...]:
 def poison(ctx: Ctx) -> None:
     count = max(POISON_KINDS, round(ctx.n / 100))
     spacing = 0.8 * ctx.produce_s / count
-    out = sh(SIM, VENV_PY, "-c", POISON_SNIPPET, BOOTSTRAP, "iot-images", "iot-results",
+    out = sh(SIM, layout().python, "-c", POISON_SNIPPET, BOOTSTRAP, "iot-images", "iot-results",
              ctx.run_id, str(count), f"{spacing:.3f}")
     ctx.poison_sent = json.loads(out.strip().splitlines()[-1])
     ctx.event("poison sent", count=len(ctx.poison_sent))

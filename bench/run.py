@@ -9,6 +9,9 @@
 4. Seed-style: the same hosts redeployed with one image per request/transaction and one commit
    per message (inference_consumer_batch_size=1, db_consumer_batch_size=1), then the defaults
    redeployed.
+5. Delivery modes: the full-speed pipeline run again with the inference consumer redeployed
+   at-least-once (no Kafka transactions), beside the default exactly-once run of step 3: the
+   throughput cost of exactly-once results (--only-delivery runs steps 3 and 5 alone).
 
 Writes bench/results/<stamp>.json, <stamp>-throughput.png, <stamp>-latency.png and prints a
 table. Run from the repository root with the controller venv (PATH=.venv/bin:$PATH).
@@ -31,9 +34,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layout import layout  # bench/layout.py: the deployed paths
+
 log = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
-VENV_PY = "/opt/iot-pipeline/venv/bin/python"
 
 MATMUL = """
 import json, time, numpy as np
@@ -81,7 +86,7 @@ def run(argv: list[str], stdin: str | None = None, check: bool = True) -> str:
 
 
 def py_on(host: str, script: str, *args: str) -> dict:
-    out = run(["docker", "exec", "-i", host, VENV_PY, "-", *args], stdin=script)
+    out = run(["docker", "exec", "-i", host, layout().python, "-", *args], stdin=script)
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -191,9 +196,8 @@ def model_alone(url: str, pngs: list[str], batches: list[int], seconds: float) -
 def simulate(sim_host: str, images: int, rate: float) -> None:
     run(["docker", "exec", sim_host, "systemd-run", "--wait", "--pipe", "--quiet", "--collect",
          "--unit", f"iot-simulator-bench-{int(time.time())}",
-         "-p", "EnvironmentFile=/etc/iot-pipeline/iot-simulator.env",
-         "-p", "User=iot", "-p", "Group=iot", "-p", "WorkingDirectory=/var/lib/iot-pipeline",
-         "/opt/iot-pipeline/venv/bin/iot-simulator", "--count", str(images),
+         *layout().run_as("iot-simulator"),
+         layout().script("iot-simulator"), "--count", str(images),
          "--rate", f"{rate:g}", "--progress-s", "0"])
 
 
@@ -249,6 +253,31 @@ def redeploy(extra: dict) -> None:
         argv += ["-e", f"{key}={value}"]
     log.info("redeploy: %s", " ".join(argv[1:]) or "defaults")
     run(argv)
+
+
+# --- 5. delivery modes ------------------------------------------------------------------------
+def delivery_modes(db: Db, args: argparse.Namespace, full_n: int,
+                   exactly_once: dict | None = None) -> dict:
+    """Full-speed images/s with exactly-once results (the default) and at-least-once."""
+    runs = {}
+    if exactly_once is None:
+        exactly_once = pipeline_run(db, args.sim_host, full_n, 0, 600, args.url)
+    runs["exactly_once"] = exactly_once
+    try:
+        redeploy({"inference_consumer_delivery": "at_least_once"})
+        runs["at_least_once"] = pipeline_run(db, args.sim_host, full_n, 0, 600, args.url)
+    finally:
+        redeploy({})
+    summary = {mode: {"images": run_["images"], "images_per_s": round(run_["images_per_s"], 1),
+                      "latency_p50_s": round(run_["latency_s"]["p50"], 3),
+                      "latency_p99_s": round(run_["latency_s"]["p99"], 3)}
+               for mode, run_ in runs.items()}
+    ratio = runs["exactly_once"]["images_per_s"] / runs["at_least_once"]["images_per_s"]
+    log.info("delivery: exactly-once %.1f images/s, at-least-once %.1f (ratio %.2f)",
+             runs["exactly_once"]["images_per_s"], runs["at_least_once"]["images_per_s"], ratio)
+    return {**summary, "exactly_once_over_at_least_once": round(ratio, 3),
+            "runs": {mode: {k: v for k, v in run_.items() if k != "latencies"}
+                     for mode, run_ in runs.items()}}
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -361,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline-seconds", type=float, default=40,
                         help="about how long each pipeline run produces")
     parser.add_argument("--skip-seed", action="store_true", help="no seed-style redeploy")
+    parser.add_argument("--skip-delivery", action="store_true",
+                        help="no at-least-once redeploy (step 5)")
+    parser.add_argument("--only-delivery", action="store_true",
+                        help="only the full-speed run in each delivery mode (steps 3 and 5)")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -368,6 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     db = Db(args.db_host)
     r: dict = {"started": datetime.now(UTC).isoformat(timespec="seconds"),
                "machine": f"{run(['nproc']).strip()} shared cores"}
+    if args.only_delivery:
+        r["delivery"] = delivery_modes(db, args, full_n=max(200, int(60 * args.pipeline_seconds)))
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / datetime.now(UTC).strftime("delivery-%Y%m%dT%H%M%SZ.json")
+        path.write_text(json.dumps(r, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in r["delivery"].items() if k != "runs"}, indent=1))
+        print(f"wrote {path}")
+        return 0
     r["host"] = host_limit(args.ml_host, args.input_size, args.stem)
     pngs = cifar_pngs(args.dataset, 512)
     wait_idle(db)
@@ -395,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             r["seed"]["vars"] = SEED_VARS
         finally:
             redeploy({})
+    if not args.skip_delivery:
+        r["delivery"] = delivery_modes(db, args, full_n, exactly_once=r["pipeline"]["full"])
     r["targets"] = targets(r)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
