@@ -373,14 +373,26 @@ def starved_ml_host(cpus: float = 0.1, seconds: float = 60) -> Fault:
     """Limit the ML host's container to `cpus` for `seconds` (docker update --cpus): the ML server
     answers slowly, the inference consumer's calls time out and are retried."""
     def fault(ctx: Ctx) -> None:
-        before = run(["docker", "inspect", "-f", "{{.HostConfig.NanoCpus}}", ML]).strip()
         ctx.at(0.25 * ctx.produce_s)
         run(["docker", "update", "--cpus", f"{cpus:g}", ML])
         ctx.event(f"ML host limited to {cpus:g} CPU")
-        ctx.at(0.25 * ctx.produce_s + seconds)
-        run(["docker", "update", "--cpus", f"{int(before or 0) / 1e9:g}", ML])
-        ctx.event("ML host CPU limit lifted", nano_cpus=before)
+        try:
+            ctx.at(0.25 * ctx.produce_s + seconds)
+        finally:
+            ctx.event("ML host CPU limit lifted", nano_cpus=unlimit_ml_host())
     return fault
+
+
+def unlimit_ml_host() -> int:
+    """Gives the ML container every core again. `docker update --cpus 0` does not remove a limit
+    (docker 20.10 keeps the old one), so the limit becomes the host's core count, which limits
+    nothing; checked, because a limit left behind slows every later run to a crawl."""
+    cores = int(run(["nproc"]).strip())
+    run(["docker", "update", "--cpus", str(cores), ML])
+    nano = int(run(["docker", "inspect", "-f", "{{.HostConfig.NanoCpus}}", ML]).strip() or 0)
+    if nano not in (0, cores * 10**9):
+        raise RuntimeError(f"{ML} still limited to {nano / 1e9:g} CPU")
+    return nano
 
 
 # Which consumer groups must dead-letter each poison kind (see POISON_SNIPPET), by its prefix.
@@ -569,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"started": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": f"{run(['nproc']).strip()} shared cores", "images": args.images,
               "rate": args.rate, "scenarios": []}
+    # A run stopped during slow-ml (or by hand) may have left the ML host starved.
+    log.info("ML host CPU limit: %g (0 or all %s cores = none)", unlimit_ml_host() / 1e9,
+             run(["nproc"]).strip())
     for name in names:
         try:
             report["scenarios"].append(scenario(name, args.images, args.rate,
