@@ -26,6 +26,7 @@ from kafka.errors import (
     FencedInstanceIdError,
     KafkaError,
     RebalanceInProgressError,
+    RetriableError,
 )
 from kafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry, Counter
@@ -208,6 +209,10 @@ def where(record: ConsumerRecord) -> str:
     return f"{record.topic}[{record.partition}]@{record.offset}"
 
 
+# Pause after a poll refused by an unreachable broker, before the caller polls again.
+POLL_RETRY_S = 0.5
+
+
 def poll_batch(
     kafka_consumer: KafkaConsumer,
     max_records: int,
@@ -225,8 +230,15 @@ def poll_batch(
     deadline: float | None = None
     timeout_s = idle_timeout_s
     while len(batch) < max_records:
-        polled = kafka_consumer.poll(timeout_ms=int(timeout_s * 1000),
-                                     max_records=max_records - len(batch))
+        try:
+            polled = kafka_consumer.poll(timeout_ms=int(timeout_s * 1000),
+                                         max_records=max_records - len(batch))
+        except RetriableError as exc:
+            # kafka-python 3.x raises from poll() while the broker restarts (the coordinator
+            # lookup gets ECONNREFUSED); the next poll reconnects. What was polled is kept.
+            log.warning("poll failed (%r): Kafka is unreachable, polling again", exc)
+            time.sleep(POLL_RETRY_S)
+            break
         got = sum(len(records) for records in polled.values())
         for records in polled.values():
             batch.extend(records)

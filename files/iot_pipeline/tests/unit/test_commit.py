@@ -43,3 +43,36 @@ def test_a_fenced_static_member_stops():
     """Another process took this group_instance_id: carrying on would fight over partitions."""
     with pytest.raises(FencedInstanceIdError):
         kafka_io.commit(RefusingConsumer(FencedInstanceIdError()))
+
+
+class RestartingBroker:
+    """Stands in for KafkaConsumer.poll: one record, then the broker goes away for one poll
+    (kafka-python 3.x raises from the coordinator lookup), then another record."""
+
+    def __init__(self, error):
+        self.answers = [{"tp": ["r1"]}, error, {"tp": ["r2"]}]
+
+    def poll(self, timeout_ms, max_records):
+        answer = self.answers.pop(0) if self.answers else {}
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_a_poll_during_a_broker_restart_keeps_what_it_had_and_polls_again(caplog, monkeypatch):
+    """A broker restart crashed the DB writer (make chaos, kafka-restart): poll() raised
+    KafkaConnectionError out of the consumer. Retriable errors end the batch instead."""
+    monkeypatch.setattr(kafka_io, "POLL_RETRY_S", 0)
+    consumer = RestartingBroker(KafkaConnectionError("111 ECONNREFUSED"))
+    assert kafka_io.poll_batch(consumer, max_records=8, linger_s=1.0) == ["r1"]
+    assert "poll failed" in caplog.text
+    assert kafka_io.poll_batch(consumer, max_records=8, linger_s=0.0) == ["r2"]
+
+
+def test_a_poll_error_that_is_not_retriable_still_raises(monkeypatch):
+    """Bad credentials or configuration must stop the service (a visible failure), not spin."""
+    monkeypatch.setattr(kafka_io, "POLL_RETRY_S", 0)
+    consumer = RestartingBroker(FencedInstanceIdError())
+    consumer.answers.pop(0)
+    with pytest.raises(FencedInstanceIdError):
+        kafka_io.poll_batch(consumer, max_records=8, linger_s=0.0)
