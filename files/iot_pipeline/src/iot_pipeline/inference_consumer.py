@@ -36,6 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import (
     AuthorizationError,
@@ -261,9 +262,7 @@ class InferenceConsumer:
             # aborts the transaction it left open.
             self.transactional_id = (settings.transactional_id or settings.group_instance_id
                                      or f"{settings.group_id}-{socket.gethostname()}")
-            self.producer = kafka_io.producer(settings.kafka, client_id="iot-inference-consumer",
-                                              transactional_id=self.transactional_id)
-            self.producer.init_transactions()
+            self.producer = self._transactional_producer()
             log.info("exactly-once delivery, transactional_id %r", self.transactional_id)
         else:
             self.producer = kafka_io.producer(settings.kafka, client_id="iot-inference-consumer")
@@ -384,6 +383,7 @@ class InferenceConsumer:
             raise
         if not committed and self.exactly_once:
             self._abort(batch)
+            self._renew_producer()
             return Outcome.REWOUND  # the caller rewinds the consumer
         self.dead_letters.forget(batch)
         return Outcome.COMMITTED
@@ -475,6 +475,30 @@ class InferenceConsumer:
         self._uncommitted_results = 0
         self.dead_letters.committed()
         return True
+
+    def _transactional_producer(self) -> KafkaProducer:
+        producer = kafka_io.producer(self.settings.kafka, client_id="iot-inference-consumer",
+                                     transactional_id=self.transactional_id)
+        producer.init_transactions()
+        return producer
+
+    def _renew_producer(self) -> None:
+        """After an offset commit the group refused, go on with a new transactional producer.
+
+        kafka-python 3.0.x keeps the refused offsets (an UnknownMemberIdError or
+        IllegalGenerationError from TxnOffsetCommit) in its transaction manager after the abort,
+        and sends them again with the next transaction's offsets: that transaction then commits
+        offsets of the aborted batch, whose results were never committed (make chaos,
+        freeze-inference: 16 images without a result). A new producer starts clean; its
+        init_transactions() (same transactional_id) fences the old one."""
+        old = self.producer
+        self.producer = self._transactional_producer()
+        self.dead_letters.use_producer(self.producer)
+        try:
+            old.close(timeout=5)
+        except KafkaError:
+            log.warning("closing the replaced transactional producer failed", exc_info=True)
+        log.info("transactional producer renewed after a refused offset commit")
 
     def _abort(self, batch: Sequence[ConsumerRecord], quiet: bool = False) -> None:
         """Abort the open transaction: its results and dead letters are never read committed,

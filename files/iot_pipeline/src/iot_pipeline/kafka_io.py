@@ -282,6 +282,10 @@ class DeadLetters:
         self.by_reason: collections.Counter[str] = collections.Counter()
         self.count = 0
 
+
+    def use_producer(self, kafka_producer: KafkaProducer) -> None:
+        """Send through a new producer from now on (the owner replaced its transactional one)."""
+        self._producer = kafka_producer
     def send(self, record: ConsumerRecord, error: InvalidMessage) -> None:
         position = (record.topic, record.partition, record.offset)
         if position in self._sent:

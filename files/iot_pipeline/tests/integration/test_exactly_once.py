@@ -9,6 +9,7 @@ import time
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError
+from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 from test_db_consumer import make_consumer as make_db_consumer
 from test_inference_consumer import HttpServer, MeanClassifier, make_consumer
 
@@ -141,22 +142,37 @@ def test_a_refused_commit_aborts_and_the_batch_is_tried_again(kafka_bootstrap, k
             [image_message(uid, value=i).to_bytes() for i, uid in enumerate(ids)]
             + [b"\x00\x01garbage"])
     consumer = make_consumer(kafka_bootstrap, kafka_topics, port, batch_size=4)
-    real = consumer.producer.send_offsets_to_transaction
     refused: list = []
+    producers = [consumer.producer]
 
-    def send_offsets_to_transaction(offsets, group_metadata):
-        if len(refused) < 2:
-            refused.append(offsets)
-            raise CommitFailedError("simulated rebalance")
-        return real(offsets, group_metadata)
+    def refusing(producer):
+        real = producer.send_offsets_to_transaction
 
-    consumer.producer.send_offsets_to_transaction = send_offsets_to_transaction
+        def send_offsets_to_transaction(offsets, group_metadata):
+            if len(refused) < 2:
+                refused.append(offsets)
+                raise CommitFailedError("simulated rebalance")
+            return real(offsets, group_metadata)
+
+        producer.send_offsets_to_transaction = send_offsets_to_transaction
+        return producer
+
+    # A refused commit renews the transactional producer: each new one refuses too, twice in all.
+    new_producer = consumer._transactional_producer
+
+    def renewed():
+        producers.append(refusing(new_producer()))
+        return producers[-1]
+
+    consumer._transactional_producer = renewed
+    refusing(consumer.producer)
     with HttpServer(port, MeanClassifier()), running_in_thread(consumer):
         wait_for(lambda: len(read(kafka_bootstrap, kafka_topics.results, "read_committed",
                                   quiet_s=0.5)) >= 12, 60, "12 committed results")
         wait_for(lambda: read(kafka_bootstrap, kafka_topics.dlq, "read_committed",
                               quiet_s=0.5), 30, "the dead letter")
     assert len(refused) == 2
+    assert len(producers) == 3  # renewed after each refusal
     committed = result_ids(read(kafka_bootstrap, kafka_topics.results, "read_committed"))
     assert sorted(committed) == sorted(ids)
     assert len(read(kafka_bootstrap, kafka_topics.results, "read_uncommitted")) > 12  # aborted
@@ -292,3 +308,58 @@ def test_a_frozen_consumer_past_its_session_loses_and_duplicates_nothing(
             proc.stop()
     committed = result_ids(read(kafka_bootstrap, kafka_topics.results, "read_committed"))
     assert sorted(committed) == sorted(first + later), proc.log()
+
+
+def _txn_producer(bootstrap: str, transactional_id: str) -> KafkaProducer:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=transactional_id)
+    producer.init_transactions()
+    return producer
+
+
+def _refused_then_committed(bootstrap, topic, group, producer_for_second):
+    """Transaction 1 sends offsets for partition 0 with a member the group does not know
+    (refused: CommitFailedError) and is aborted; transaction 2 commits offsets for partition 1.
+    Returns the group's committed offsets afterwards."""
+    tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    first = _txn_producer(bootstrap, f"{group}-txn")
+    first.begin_transaction()
+    stale = ConsumerGroupMetadata(group, generation_id=7, member_id="ghost-member")
+
+    def refused():
+        first.send_offsets_to_transaction({tp0: OffsetAndMetadata(5, "", -1)}, stale)
+        first.commit_transaction()
+
+    with pytest.raises(CommitFailedError):
+        refused()
+    first.abort_transaction()
+    second = producer_for_second(first)
+    second.begin_transaction()
+    second.send_offsets_to_transaction({tp1: OffsetAndMetadata(3, "", -1)},
+                                       ConsumerGroupMetadata(group))
+    second.commit_transaction()
+    for producer in {id(first): first, id(second): second}.values():
+        producer.close(timeout=5)
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return {tp.partition: reader.committed(tp) for tp in (tp0, tp1)}
+    finally:
+        reader.close()
+
+
+def test_kafka_python_commits_refused_offsets_with_the_next_transaction(
+    kafka_bootstrap, kafka_topics
+):
+    """The library bug behind the freeze-inference loss: reusing the producer after a refused
+    TxnOffsetCommit commits the refused offset with the next transaction. When this starts to
+    fail, kafka-python has fixed it and InferenceConsumer._renew_producer may go."""
+    committed = _refused_then_committed(kafka_bootstrap, kafka_topics.images, "txn-leak-reused",
+                                        lambda first: first)
+    assert committed == {0: 5, 1: 3}
+
+
+def test_a_renewed_producer_commits_only_its_own_offsets(kafka_bootstrap, kafka_topics):
+    """What the inference consumer does after a refused commit (_renew_producer)."""
+    committed = _refused_then_committed(
+        kafka_bootstrap, kafka_topics.images, "txn-leak-renewed",
+        lambda first: _txn_producer(kafka_bootstrap, "txn-leak-renewed-txn"))
+    assert committed == {0: None, 1: 3}
