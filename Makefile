@@ -12,6 +12,8 @@ IMAGES ?= 200
 N ?= 100
 # Extra flags of bench/run.py for `make bench` (e.g. BENCH_ARGS=--skip-seed).
 BENCH_ARGS ?=
+# Extra flags of bench/scale.py for `make bench-scale` (e.g. SCALE_ARGS="--cpus 0.4").
+SCALE_ARGS ?=
 # Extra flags of bench/chaos.py for `make chaos` (e.g. CHAOS_ARGS="-n 5000 --scenarios poison").
 CHAOS_ARGS ?=
 # CIFAR-100 for `make train` / `make evaluate`: $IOT_DATASET_DIR, else ../shared/datasets/cifar-100
@@ -96,12 +98,15 @@ evaluate: venv ## top-1/top-5 of MODEL on the test split (EVAL_N images), confus
 		--plot bench/results/confusion-$(notdir $(MODEL)).png
 
 # --- benchmark --------------------------------------------------------------------------------
-.PHONY: bench bench-model chaos
+.PHONY: bench bench-model bench-scale chaos
 bench-model: venv ## the served model alone at batch 1/8/64 (JSON in bench/reports/)
 	python bench/model_alone.py --imagenet-shaped
 
-bench: deps ## measure host limit, model alone, pipeline, seed-style; JSON + plots in bench/results
+bench: deps ## model alone, pipeline (CPU per service), half-rate latency, original-design baseline, batch 1, delivery modes; JSON + plots in bench/results
 	python bench/run.py $(BENCH_ARGS)
+
+bench-scale: deps ## pipeline images/s with 1, 2, 3 ML hosts at the same CPU quota (adds, then removes, 2 hosts)
+	python bench/scale.py $(SCALE_ARGS)
 
 chaos: deps ## fault-injection runs with figures (local deployment)
 	python bench/chaos.py $(CHAOS_ARGS)

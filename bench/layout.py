@@ -59,17 +59,33 @@ def _render(values: dict[str, str]) -> dict[str, str]:
 
 
 @cache
-def layout(host: str = "iot-simulator", inventory: str | None = None) -> Layout:
-    values = {k: v for k, v in yaml.safe_load(DEFAULTS.read_text()).items()
-              if k.removeprefix("pipeline_app_") in KEYS}
+def host_vars(host: str, inventory: str | None = None) -> dict:
+    """The variables the inventory sets for ``host`` (`ansible-inventory --host`); {} when it
+    cannot be read (a warning says so)."""
     inventory = inventory or str(REPO / "inventory" / "local")
     try:
         proc = subprocess.run(["ansible-inventory", "-i", inventory, "--host", host],
                               capture_output=True, text=True, timeout=120, check=True,
                               env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")})
-        host_vars = json.loads(proc.stdout)
-        values.update({k: v for k, v in host_vars.items() if k in values})
+        return json.loads(proc.stdout)
     except (OSError, subprocess.SubprocessError, json.JSONDecodeError) as exc:
-        log.warning("inventory %s not read (%s): the role defaults' layout", inventory, exc)
+        log.warning("inventory %s not read for %s (%s): role defaults only", inventory, host, exc)
+        return {}
+
+
+def setting(role: str, name: str, host: str, inventory: str | None = None):
+    """One role variable as ``host`` gets it: the inventory's value, else the role's default."""
+    found = host_vars(host, inventory)
+    if name in found:
+        return found[name]
+    return yaml.safe_load((REPO / "roles" / role / "defaults" / "main.yml").read_text())[name]
+
+
+@cache
+def layout(host: str = "iot-simulator", inventory: str | None = None) -> Layout:
+    values = {k: v for k, v in yaml.safe_load(DEFAULTS.read_text()).items()
+              if k.removeprefix("pipeline_app_") in KEYS}
+    found = host_vars(host, inventory)
+    values.update({k: v for k, v in found.items() if k in values})
     values = _render(values)
     return Layout(**{k.removeprefix("pipeline_app_"): v for k, v in values.items()})

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import enum
 import http.client
+import io
 import json
 import logging
 import socket
@@ -36,6 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import numpy as np
 from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import (
@@ -171,15 +173,34 @@ class Outcome(enum.Enum):
 
 
 class MlClient:
+    """POST /predict. Images whose pixels the consumer decoded go as one .npy array (no second PNG
+    decode, no base64, no JSON of the images); an ML server that predates that body (it answers
+    400 bad_json) gets base64 PNGs in JSON from then on."""
+
     def __init__(self, base_url: str, timeout_s: float) -> None:
         self.url = f"{base_url}/predict"
         self.timeout_s = timeout_s
+        self.send_pixels = True
 
-    def classify(self, images: Sequence[bytes]) -> Answer:
+    def classify(self, images: Sequence[bytes],
+                 pixels: Sequence[np.ndarray | None] | None = None) -> Answer:
+        if self.send_pixels and pixels and all(
+                p is not None and p.shape == pixels[0].shape for p in pixels):
+            buffer = io.BytesIO()
+            np.save(buffer, np.stack(pixels), allow_pickle=False)
+            try:
+                return self._post(buffer.getvalue(), messages.PIXELS_CONTENT_TYPE, len(images))
+            except MlRejected as exc:
+                if exc.status != 400 or exc.body.get("error") != "bad_json":
+                    raise
+                log.warning("the ML server does not take .npy pixels; sending PNGs from now on")
+                self.send_pixels = False
         body = json.dumps({"images": [base64.b64encode(i).decode("ascii") for i in images]})
+        return self._post(body.encode(), "application/json", len(images))
+
+    def _post(self, body: bytes, content_type: str, count: int) -> Answer:
         http_request = urllib.request.Request(  # noqa: S310 - URL from the operator's settings
-            self.url, data=body.encode(), method="POST",
-            headers={"Content-Type": "application/json"},
+            self.url, data=body, method="POST", headers={"Content-Type": content_type},
         )
         try:
             with urllib.request.urlopen(http_request, timeout=self.timeout_s) as response:  # noqa: S310
@@ -196,9 +217,9 @@ class MlClient:
             # Refused, reset, timed out, garbled, or cut off mid-answer (a server stopping).
             raise MlUnavailable(str(exc) or type(exc).__name__) from exc
         predictions = answer.get("predictions")
-        if not isinstance(predictions, list) or len(predictions) != len(images):
+        if not isinstance(predictions, list) or len(predictions) != count:
             raise MlUnavailable(f"answer has {len(predictions or [])} predictions "
-                                f"for {len(images)} images")
+                                f"for {count} images")
         version = answer.get("version")  # absent from servers that predate it
         return Answer(answer["model"], version if isinstance(version, str) and version else None,
                       predictions)
@@ -382,7 +403,10 @@ class InferenceConsumer:
                 self._abort(batch, quiet=True)
             raise
         if not committed and self.exactly_once:
-            self._abort(batch)
+            # The abort may fail as well: a TxnOffsetCommit that timed out (a consumer frozen
+            # past its session) leaves kafka-python's producer in an error state. The renewed
+            # producer's init_transactions() (same transactional_id) aborts the transaction then.
+            self._abort(batch, quiet=True)
             self._renew_producer()
             return Outcome.REWOUND  # the caller rewinds the consumer
         self.dead_letters.forget(batch)
@@ -510,11 +534,11 @@ class InferenceConsumer:
         self._uncommitted_results = 0
         try:
             self.producer.abort_transaction()
-        except KafkaError:
+        except KafkaError as exc:
             if not quiet:
                 raise
-            log.exception("aborting the transaction failed too; the restarted consumer's "
-                          "init_transactions() aborts it")
+            log.warning("aborting the transaction failed too (%s); the next transactional "
+                        "producer's init_transactions() aborts it", exc)
 
     def _classify(self, images) -> list[messages.ResultMessage] | None:
         if not images:
@@ -542,7 +566,8 @@ class InferenceConsumer:
         while True:
             try:
                 with self.metrics.ml_request.time():
-                    answer = self.ml.classify([m.image_png for m in images])
+                    answer = self.ml.classify([m.image_png for m in images],
+                                              [m.pixels for m in images])
                 break
             except MlUnavailable as exc:
                 delay = next(delays)

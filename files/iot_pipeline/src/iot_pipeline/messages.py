@@ -59,6 +59,10 @@ class InvalidMessage(ValueError):
         self.detail = detail
 
 
+# Content type of the ML server's pixel body: one .npy (N, H, W, 3) uint8 array.
+PIXELS_CONTENT_TYPE = "application/x-npy"
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -70,6 +74,9 @@ class ImageMessage:
     ground_truth: str
     image_png: bytes = field(repr=False)
     produced_at: datetime
+    # The decoded (H, W, 3) uint8 pixels when decode() checked them: the inference consumer sends
+    # these to the ML server, which then does not decode the PNG a second time. Not on the wire.
+    pixels: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_bytes(self) -> bytes:
         return _dump({
@@ -253,9 +260,8 @@ def _decode_image_message(
         image_bytes = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidMessage("bad_base64", str(exc)[:200]) from None
-    if check_pixels:
-        decode_image(image_bytes, expected_size=expected_size)
-    return ImageMessage(unique_id, device_id, ground_truth, image_bytes, produced_at)
+    pixels = decode_image(image_bytes, expected_size=expected_size) if check_pixels else None
+    return ImageMessage(unique_id, device_id, ground_truth, image_bytes, produced_at, pixels)
 
 
 def _decode_result_message(payload: dict[str, Any]) -> ResultMessage:

@@ -3,7 +3,10 @@
     gunicorn 'iot_pipeline.ml_server:create_app()'   # IOT_ML_* and GUNICORN_CMD_ARGS set it up
 
 ``POST /predict`` takes ``{"image": "<base64>"}`` or ``{"images": [...]}`` (PNG or JPEG) and an
-optional ``"top_k"``, and answers ``{"model": ..., "version": ..., "predictions": [{"label",
+optional ``"top_k"``, or (``Content-Type: application/x-npy``, top_k as a query parameter) the
+decoded pixels themselves: one NumPy ``.npy`` array of shape (N, H, W, 3), dtype uint8, which is
+what the inference consumer sends (it has decoded the PNGs to check them; no second decode, no
+base64). Both answer ``{"model": ..., "version": ..., "predictions": [{"label",
 "score", "top_k"}]}``.
 ``GET /health`` is 200 once the model is loaded (503 before), with the model's name and version
 (resnet.model_version); ``GET /metrics`` is Prometheus text (prometheus_client; the sum over
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import logging
 import os
 import threading
@@ -33,7 +37,12 @@ from werkzeug.exceptions import HTTPException
 
 from iot_pipeline import config
 from iot_pipeline.config import Option
-from iot_pipeline.messages import MAX_IMAGE_PIXELS, InvalidMessage, decode_image
+from iot_pipeline.messages import (
+    MAX_IMAGE_PIXELS,
+    PIXELS_CONTENT_TYPE,
+    InvalidMessage,
+    decode_image,
+)
 from iot_pipeline.resnet import DEFAULT_CARD
 from iot_pipeline.runtime import configure_logging
 
@@ -166,6 +175,24 @@ def _images_from(payload: Any, max_batch: int) -> list[np.ndarray]:
     return pixels
 
 
+def _pixels_from(body: bytes, max_batch: int) -> np.ndarray:
+    """An ``.npy`` body -> its (N, H, W, 3) uint8 array, or BadRequest."""
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BadRequest(400, "bad_npy", f"not a .npy array: {str(exc)[:200]}") from None
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 4 \
+            or array.shape[-1] != 3:
+        raise BadRequest(422, "bad_pixels", "the array must be (N, H, W, 3) uint8, not "
+                         f"{getattr(array, 'shape', '?')} {getattr(array, 'dtype', '?')}")
+    if not 1 <= len(array) <= max_batch:
+        raise BadRequest(413 if len(array) else 400, "batch_too_large" if len(array)
+                         else "bad_request", f"{len(array)} images; 1 to {max_batch}")
+    if array.shape[1] * array.shape[2] > MAX_IMAGE_PIXELS or 0 in array.shape:
+        raise BadRequest(422, "image_too_large", f"{array.shape[2]}x{array.shape[1]} pixels")
+    return array
+
+
 def _stack(pixels: Sequence[np.ndarray], size: int) -> np.ndarray:
     """One (N, H, W, 3) array; images of different sizes are first resized to the model's."""
     if all(p.shape == pixels[0].shape for p in pixels):
@@ -232,13 +259,22 @@ def create_app(
         if classifier is None:
             metrics.observe("predict", 503)
             return _error(503, "model_not_ready", state["error"] or "the model is loading")
-        payload = request.get_json(silent=True)
-        if payload is None:
-            metrics.observe("predict", 400)
-            return _error(400, "bad_json", "the body must be JSON (Content-Type: application/json)")
         try:
-            pixels = _images_from(payload, settings.max_batch)
-            top_k = payload.get("top_k", settings.top_k)
+            if request.mimetype == PIXELS_CONTENT_TYPE:
+                batch = _pixels_from(request.get_data(), settings.max_batch)
+                top_k = request.args.get("top_k", settings.top_k)
+                try:
+                    top_k = int(top_k)
+                except ValueError:
+                    top_k = None
+            else:
+                payload = request.get_json(silent=True)
+                if payload is None:
+                    raise BadRequest(400, "bad_json", "the body must be JSON (Content-Type: "
+                                     f"application/json) or {PIXELS_CONTENT_TYPE} pixels")
+                pixels = _images_from(payload, settings.max_batch)
+                batch = _stack(pixels, settings.input_size)
+                top_k = payload.get("top_k", settings.top_k)
             if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 100:
                 raise BadRequest(400, "bad_request", "top_k must be an integer from 1 to 100")
         except BadRequest as exc:
@@ -246,9 +282,9 @@ def create_app(
             return _error(exc.status, exc.error, exc.detail, exc.index)
         started = time.perf_counter()
         with predict_lock:  # one batch at a time: TF already uses every core it is given
-            predictions = classifier.classify(_stack(pixels, settings.input_size), top_k)
+            predictions = classifier.classify(batch, top_k)
         elapsed = time.perf_counter() - started
-        metrics.observe("predict", 200, images=len(pixels), seconds=elapsed)
+        metrics.observe("predict", 200, images=len(batch), seconds=elapsed)
         return jsonify({
             "model": classifier.name,
             # Per answer, so each result names the model that made it, also across a restart.

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError
+from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import ConsumerGroupMetadata, OffsetAndMetadata
 from test_db_consumer import make_consumer as make_db_consumer
 from test_inference_consumer import HttpServer, MeanClassifier, make_consumer
@@ -177,6 +177,39 @@ def test_a_refused_commit_aborts_and_the_batch_is_tried_again(kafka_bootstrap, k
     assert sorted(committed) == sorted(ids)
     assert len(read(kafka_bootstrap, kafka_topics.results, "read_uncommitted")) > 12  # aborted
     assert len(read(kafka_bootstrap, kafka_topics.dlq, "read_committed")) == 1
+
+
+def test_a_producer_left_in_an_error_state_is_renewed_not_fatal(kafka_bootstrap, kafka_topics):
+    """As after a freeze (make chaos freeze-inference): the refused TxnOffsetCommit timed out,
+    kafka-python put the producer in an error state and abort_transaction() raises too. The
+    consumer goes on with a new producer, whose init_transactions() aborts the open transaction:
+    every result is committed once and nothing crashes."""
+    port = free_port()
+    ids = [f"img-{i}" for i in range(8)]
+    produce(kafka_bootstrap, kafka_topics.images,
+            [image_message(uid, value=i).to_bytes() for i, uid in enumerate(ids)])
+    consumer = make_consumer(kafka_bootstrap, kafka_topics, port, batch_size=4)
+    broken = consumer.producer
+    calls = {"offsets": 0, "abort": 0}
+
+    def send_offsets_to_transaction(offsets, group_metadata):
+        calls["offsets"] += 1
+        raise KafkaError("Could not execute transactional request for unknown reasons: "
+                         "[Error 7] RequestTimedOutError")
+
+    def abort_transaction(timeout_ms=None):
+        calls["abort"] += 1
+        raise KafkaError("Cannot execute transactional method because we are in an error state")
+
+    broken.send_offsets_to_transaction = send_offsets_to_transaction
+    broken.abort_transaction = abort_transaction
+    with HttpServer(port, MeanClassifier()), running_in_thread(consumer):  # fails on a crash
+        wait_for(lambda: len(read(kafka_bootstrap, kafka_topics.results, "read_committed",
+                                  quiet_s=0.5)) >= 8, 60, "8 committed results")
+    assert calls == {"offsets": 1, "abort": 1}
+    assert consumer.producer is not broken
+    committed = result_ids(read(kafka_bootstrap, kafka_topics.results, "read_committed"))
+    assert sorted(committed) == sorted(ids)
 
 
 def test_sigkill_mid_stream_and_restart_gives_one_result_per_image(

@@ -259,7 +259,7 @@ class FakeMl:
     def __init__(self):
         self.calls = 0
 
-    def classify(self, images):
+    def classify(self, images, pixels=None):
         self.calls += 1
         return inference_consumer.Answer("resnet", "v1", [
             {"label": "apple", "score": 0.9, "top_k": []} for _ in images])

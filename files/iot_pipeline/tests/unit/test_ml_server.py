@@ -105,6 +105,49 @@ def test_bad_requests_get_a_json_error_and_the_right_status(client, kwargs, stat
     assert response.json["error"] == error
 
 
+def npy(array, allow_pickle=False) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+def test_decoded_pixels_get_the_same_answer_as_their_pngs(client, classifier):
+    values = [10, 200, 7]
+    pixels = np.stack([np.full((32, 32, 3), v, np.uint8) for v in values])
+    as_npy = client.post("/predict?top_k=2", data=npy(pixels),
+                         content_type=messages.PIXELS_CONTENT_TYPE)
+    as_png = client.post("/predict", json={"images": [b64_png(v) for v in values], "top_k": 2})
+    assert as_npy.status_code == 200, as_npy.json
+    assert as_npy.json == as_png.json
+    assert [p["label"] for p in as_npy.json["predictions"]] == ["label-10", "label-200", "label-7"]
+    assert len(as_npy.json["predictions"][0]["top_k"]) == 2
+    assert classifier.batches == [3, 3]
+
+
+@pytest.mark.parametrize(("body", "status", "error"), [
+    (b"not an npy file", 400, "bad_npy"),
+    (npy(np.zeros((2, 32, 32, 3), np.float32)), 422, "bad_pixels"),
+    (npy(np.zeros((32, 32, 3), np.uint8)), 422, "bad_pixels"),
+    (npy(np.zeros((2, 32, 32, 4), np.uint8)), 422, "bad_pixels"),
+    (npy(np.array(["a", "b"], dtype=object), allow_pickle=True), 400, "bad_npy"),
+    (npy(np.zeros((0, 32, 32, 3), np.uint8)), 400, "bad_request"),
+    (npy(np.zeros((9, 32, 32, 3), np.uint8)), 413, "batch_too_large"),
+])
+def test_bad_pixel_bodies_get_a_json_error(client, classifier, body, status, error):
+    response = client.post("/predict", data=body, content_type=messages.PIXELS_CONTENT_TYPE)
+    assert (response.status_code, response.json["error"]) == (status, error)
+    assert classifier.batches == []
+
+
+def test_pixel_bodies_obey_the_pixel_limit(client, monkeypatch):
+    monkeypatch.setattr(ml_server, "MAX_IMAGE_PIXELS", 32 * 32 - 1)
+    response = client.post("/predict", data=npy(np.zeros((1, 32, 32, 3), np.uint8)),
+                           content_type=messages.PIXELS_CONTENT_TYPE)
+    assert (response.status_code, response.json["error"]) == (422, "image_too_large")
+
+
 def test_the_index_of_a_bad_image_is_reported(client):
     response = client.post("/predict", json={"images": [b64_png(1), "AAAA"]})
     assert response.status_code == 422
