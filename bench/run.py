@@ -122,13 +122,16 @@ class Db:
                               " OR data IS NULL")[0][0])
 
     def timings(self, after_id: int) -> np.ndarray:
-        """(produced, stored) epoch seconds of the complete rows after ``after_id``."""
+        """(produced, stored, inferred, image stored, result stored) epoch seconds of the
+        complete rows after ``after_id``; stored is the later of the two writes."""
         rows = self.query(
             "SELECT extract(epoch FROM produced_at),"
-            " extract(epoch FROM greatest(image_stored_at, result_stored_at))"
+            " extract(epoch FROM greatest(image_stored_at, result_stored_at)),"
+            " extract(epoch FROM inferred_at), extract(epoch FROM image_stored_at),"
+            " extract(epoch FROM result_stored_at)"
             f" FROM iot_image_data WHERE id > {after_id}"
             " AND inferred_value IS NOT NULL AND data IS NOT NULL")
-        return np.array([[float(a), float(b)] for a, b in rows]).reshape(-1, 2)
+        return np.array([[float(x) for x in row] for row in rows]).reshape(-1, 5)
 
 
 def wait_idle(db: Db, timeout_s: float = 600) -> None:
@@ -317,6 +320,14 @@ def pipeline_run(db: Db, sim_host: str, images: int, rate: float, timeout_s: flo
         "model_busy_fraction": float(busy / span),
         "latency_s": {f"p{q}": float(np.percentile(latency, q)) for q in (50, 95, 99)},
         "latency_max_s": float(latency.max()),
+        # Where the time goes, per row: produced -> classified (Kafka, the inference consumer's
+        # queue, the ML call), classified -> result stored (the results transaction, the DB
+        # writer's batch), and produced -> image stored (the image's own path to the table).
+        "stages_ms": {
+            name: {f"p{q}": round(1000 * float(np.percentile(d, q)), 1) for q in (50, 95, 99)}
+            for name, d in (("produced_to_inferred", t[:, 2] - t[:, 0]),
+                            ("inferred_to_result_stored", t[:, 4] - t[:, 2]),
+                            ("produced_to_image_stored", t[:, 3] - t[:, 0]))},
         "latencies": [round(float(x), 4) for x in latency],
     }
     if meter:
@@ -524,6 +535,9 @@ def table(r: dict) -> str:
         f"| latency at {half['rate']:g} images/s (half) p50 / p95 / p99 | "
         + " / ".join(f"{1000 * half['latency_s'][q]:.0f}" for q in ("p50", "p95", "p99")) + " ms |",
     ]
+    for stage, q in half.get("stages_ms", {}).items():
+        lines.append(f"| half rate, {stage.replace('_', ' ')} p50 / p95 / p99 | "
+                     f"{q['p50']:.0f} / {q['p95']:.0f} / {q['p99']:.0f} ms |")
     if "baseline" in r:
         lines.append(f"| original-design baseline (bench/baseline.py) "
                      f"| {r['baseline']['images_per_s']:.2f} images/s |")

@@ -314,11 +314,15 @@ class InferenceConsumer:
         pending: InFlight | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ml-call") as calls:
             while not self.stop.is_set():
-                # With a batch at the ML server, take only what Kafka already has: waiting
-                # here would delay that batch's results.
-                batch = kafka_io.poll_batch(self.consumer, self.settings.batch_size,
-                                            self.settings.batch_timeout_s,
-                                            idle_timeout_s=0.0 if pending else 1.0)
+                # With a batch at the ML server, fill the next one until that call returns
+                # (what arrives meanwhile waits for it anyway), then take only what Kafka
+                # already has: waiting longer would delay that batch's results. Under load
+                # batches grow to batch_size; at a low rate they stay small and quick.
+                in_flight = pending.future if pending is not None else None
+                batch = kafka_io.poll_batch(
+                    self.consumer, self.settings.batch_size, self.settings.batch_timeout_s,
+                    idle_timeout_s=0.0 if pending else 1.0,
+                    busy=(lambda f=in_flight: not f.done()) if in_flight is not None else None)
                 if self._reassigned():
                     # Polled before the reset, or in flight: replayed from the committed offsets.
                     if pending is not None and pending.future is not None:

@@ -219,16 +219,22 @@ def poll_batch(
     linger_s: float,
     idle_timeout_s: float = 1.0,
     gap_s: float = 0.005,
+    busy: Callable[[], bool] | None = None,
 ) -> list[ConsumerRecord]:
     """Wait up to ``idle_timeout_s`` for a first record, then up to ``linger_s`` more to fill
     the batch to ``max_records``; records keep their partition order.
 
     The linger ends early once no record arrived for ``gap_s``: the topic is drained, and
     waiting longer would only add latency (under load records keep coming and batches fill).
+
+    ``busy`` (the previous batch's work is still running) keeps the batch filling, in polls of
+    ``gap_s``, for as long as it returns True: what arrives meanwhile would wait for that work
+    anyway, so the batch grows with the load instead of being cut at the first record. Once it
+    returns False a batch that has records is returned at once.
     """
     batch: list[ConsumerRecord] = []
     deadline: float | None = None
-    timeout_s = idle_timeout_s
+    timeout_s = gap_s if busy is not None and busy() else idle_timeout_s
     while len(batch) < max_records:
         try:
             polled = kafka_consumer.poll(timeout_ms=int(timeout_s * 1000),
@@ -242,6 +248,15 @@ def poll_batch(
         got = sum(len(records) for records in polled.values())
         for records in polled.values():
             batch.extend(records)
+        if busy is not None:
+            if busy():
+                timeout_s = gap_s
+                continue
+            busy = None  # the work is done: send what arrived meanwhile without a linger
+            if batch:
+                break
+            timeout_s = idle_timeout_s
+            continue
         now = time.monotonic()
         if batch and deadline is None:
             deadline = now + linger_s

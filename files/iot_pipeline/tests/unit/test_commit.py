@@ -76,3 +76,46 @@ def test_a_poll_error_that_is_not_retriable_still_raises(monkeypatch):
     consumer.answers.pop(0)
     with pytest.raises(FencedInstanceIdError):
         kafka_io.poll_batch(consumer, max_records=8, linger_s=0.0)
+
+
+class TrickleBroker:
+    """A consumer whose every poll returns the next answer (a list of records), then nothing."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.polls = 0
+
+    def poll(self, timeout_ms=0, max_records=None):
+        self.polls += 1
+        if self.answers:
+            return {"tp": self.answers.pop(0)[:max_records]}
+        return {}
+
+
+def test_a_batch_keeps_filling_while_the_previous_call_is_busy():
+    """Records arriving one by one while the ML call runs all go into the next batch; without
+    ``busy`` the gap after the first record would end the batch at one record."""
+    consumer = TrickleBroker([["r1"], [], ["r2"], [], [], ["r3"], [], []])
+    busy_polls = iter([True] * 7 + [False] * 10)
+    batch = kafka_io.poll_batch(consumer, max_records=8, linger_s=0.0, idle_timeout_s=0.0,
+                                busy=lambda: next(busy_polls))
+    assert batch == ["r1", "r2", "r3"]
+
+    alone = TrickleBroker([["r1"], [], ["r2"]])
+    assert kafka_io.poll_batch(alone, max_records=8, linger_s=0.0, idle_timeout_s=0.0) == ["r1"]
+
+
+def test_a_busy_fill_stops_at_the_batch_size_and_when_the_call_returns():
+    full = TrickleBroker([["r1", "r2"], ["r3", "r4", "r5"]])
+    assert kafka_io.poll_batch(full, max_records=4, linger_s=0.0, idle_timeout_s=0.0,
+                               busy=lambda: True) == ["r1", "r2", "r3", "r4"]
+
+    done = iter([True, True, False])  # the first look is before the first poll
+    returned = TrickleBroker([[], ["r1"], ["r2"]])
+    # Not busy after the second poll: what it got (r1) is sent at once, no linger for r2.
+    assert kafka_io.poll_batch(returned, max_records=8, linger_s=1.0, idle_timeout_s=0.0,
+                               busy=lambda: next(done)) == ["r1"]
+
+    idle = TrickleBroker([])
+    assert kafka_io.poll_batch(idle, max_records=8, linger_s=1.0, idle_timeout_s=0.0,
+                               busy=lambda: False) == []
