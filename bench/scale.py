@@ -56,11 +56,26 @@ def ml_healthy(host: str) -> bool:
     return subprocess.run(probe, capture_output=True, check=False).returncode == 0
 
 
-def use_hosts(active: list[str], timeout_s: float = 300) -> None:
-    """Exactly ``active`` run their ML server and inference consumer; waits for their health."""
+# The consumers' session timeout (db_consumer_session_timeout_ms and
+# inference_consumer_session_timeout_ms, 10 s by default) and a margin.
+SESSION_S = 12
+
+
+def use_hosts(active: list[str], db_host: str = "iot-db", timeout_s: float = 300) -> None:
+    """Exactly ``active`` run their ML server and inference consumer; waits for their health.
+
+    The groups are formed afresh: every consumer (the DB writer too) is stopped for longer
+    than the session timeout, so the broker drops the static members and the first to come
+    back assigns every partition. A static member that rejoins a stable group is handed its
+    old assignment instead ("will not trigger a rebalance", the broker logs), which after the
+    images topic grew to --partitions would leave the new partitions unread (see README)."""
     for host in HOSTS:
-        verb = "start" if host in active else "stop"
-        run(["docker", "exec", host, "systemctl", verb, *SERVICES])
+        run(["docker", "exec", host, "systemctl", "stop", *SERVICES])
+    run(["docker", "exec", db_host, "systemctl", "stop", "iot-db-consumer"])
+    time.sleep(SESSION_S)
+    run(["docker", "exec", db_host, "systemctl", "start", "iot-db-consumer"])
+    for host in active:
+        run(["docker", "exec", host, "systemctl", "start", *SERVICES])
     deadline = time.monotonic() + timeout_s
     while not all(ml_healthy(h) for h in active):
         if time.monotonic() > deadline:
@@ -98,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         meter = Meter(containers())
         rate_1 = None
         for n in (1, 2, 3):
-            use_hosts(HOSTS[:n])
+            use_hosts(HOSTS[:n], args.db_host)
             wait_idle(db)
             images = max(300, int((rate_1 or 15) * n * args.seconds))
             url = "http://127.0.0.1:8000/predict"  # iot-ml's /metrics: its busy share
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         for host in HOSTS:
             run(["docker", "update", "--cpus", str(cores), host], check=False)
         try:
-            use_hosts(HOSTS[:1])  # the added consumers leave the group
+            use_hosts(HOSTS[:1], args.db_host)  # the added consumers leave the group
         except RuntimeError as exc:
             log.warning("could not put the added hosts back to stopped: %s", exc)
         if not args.keep_hosts:
