@@ -165,6 +165,8 @@ class DbConsumer:
             # Results of an aborted inference transaction are never stored (exactly-once).
             isolation_level="read_committed",
         )
+        self.coverage = kafka_io.Coverage.for_consumer(settings.kafka, self.consumer,
+                                                       settings.group_id)
         self.producer = kafka_io.producer(settings.kafka, client_id="iot-db-consumer-dlq")
         self.dead_letters = kafka_io.DeadLetters(
             self.producer, settings.kafka.dlq_topic, settings.group_id,
@@ -183,6 +185,7 @@ class DbConsumer:
                                         self.settings.batch_linger_s)
             if batch:
                 self.handle(batch)
+            self.coverage.check()
         log.info("stopped: %d images and %d results stored, dead letters %s",
                  self.stored_images, self.stored_results, self.dead_letters.summary())
 
@@ -279,6 +282,7 @@ class DbConsumer:
         self.conn = None
 
     def close(self) -> None:
+        self.coverage.close()
         self.consumer.close(autocommit=False)
         self.producer.close(timeout=10)
         self._close_connection()

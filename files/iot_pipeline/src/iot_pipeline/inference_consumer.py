@@ -277,6 +277,8 @@ class InferenceConsumer:
             session_timeout_ms=settings.session_timeout_ms,
             on_assigned=self._on_assigned,
         )
+        self.coverage = kafka_io.Coverage.for_consumer(settings.kafka, self.consumer,
+                                                       settings.group_id)
         self.exactly_once = settings.delivery == "exactly_once"
         if self.exactly_once:
             # Stable across restarts: init_transactions() fences the previous incarnation and
@@ -329,6 +331,7 @@ class InferenceConsumer:
                         wait([pending.future])
                     pending = None
                     continue
+                self.coverage.check()
                 if batch:
                     self.metrics.consumed(batch)
                 submitted = self._submit(calls, batch) if batch else None
@@ -584,6 +587,7 @@ class InferenceConsumer:
                 for message, prediction in zip(images, answer.predictions, strict=True)]
 
     def close(self) -> None:
+        self.coverage.close()
         self.consumer.close(autocommit=False)
         self.producer.close(timeout=10)
 

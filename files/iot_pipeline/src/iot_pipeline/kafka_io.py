@@ -93,6 +93,8 @@ def consumer(
         "auto_offset_reset": "earliest",
         "max_partition_fetch_bytes": MAX_MESSAGE_BYTES * 2,
         "fetch_max_wait_ms": 100,
+        # Partitions added to a topic are seen within this (kafka-python's default: 5 min).
+        "metadata_max_age_ms": 30_000,
     }
     config.update(overrides)
     subscribed = sorted(set(topics))
@@ -114,6 +116,112 @@ class _Assigned(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned) -> None:
         self._callback()
+
+
+# How often a member checks that its group leaves no partition of its topics unread.
+COVERAGE_CHECK_S = 30.0
+
+
+class Coverage:
+    """Sees to it that every partition of the subscribed topics has an owner in the group.
+
+    kafka-python re-reads partition counts only in the member that computed the group's
+    assignment. A static member (``group_instance_id``) that restarts into a stable group gets
+    its old assignment back without a rebalance, and is not told that it leads (kafka-python
+    sends JoinGroup v7, before KIP-814), so after such a restart no member watches the
+    partition counts: partitions added meanwhile (the images topic grown for more ML hosts)
+    stay unread until the group forms afresh.
+
+    Every member calls :meth:`check` from its poll loop: after each new assignment, and every
+    ``interval_s``. When the topics' partitions or this member's assignment changed since the
+    last check that found everything owned, it asks the
+    group coordinator who owns what (DescribeGroups); if the group is stable and a partition
+    has no owner, this member rejoins. A JoinGroup from the member the broker knows as the
+    leader forces a rebalance, in which that member computes a new assignment from current
+    metadata; from any other member it is answered with its current assignment. Every member
+    checks, so the leader's check is the one that moves the group.
+    """
+
+    def __init__(self, kafka_consumer: KafkaConsumer, group_id: str,
+                 describe: Callable[[str], dict], interval_s: float = COVERAGE_CHECK_S,
+                 close: Callable[[], None] = lambda: None) -> None:
+        self._consumer = kafka_consumer
+        self._group = group_id
+        self._describe = describe
+        self._interval_s = interval_s
+        self.close = close
+        self._next_s = 0.0
+        self._assignment: frozenset[TopicPartition] | None = None
+        self._verified: tuple[frozenset, frozenset] | None = None
+        self.rejoins = 0
+
+    @classmethod
+    def for_consumer(cls, settings: KafkaSettings, kafka_consumer: KafkaConsumer,
+                     group_id: str, **kwargs: Any) -> Coverage:
+        """Describes the group through an admin client of its own, opened at the first check."""
+        clients: list[KafkaAdminClient] = []
+
+        def describe(group: str) -> dict:
+            if not clients:
+                clients.append(admin(settings, client_id=f"{group}-coverage"))
+            return clients[0].describe_groups([group])[group]
+
+        def close() -> None:
+            while clients:
+                clients.pop().close()
+
+        return cls(kafka_consumer, group_id, describe, close=close, **kwargs)
+
+    def check(self) -> bool:
+        """True when this member asked the group to rebalance (at most every ``interval_s``)."""
+        now = time.monotonic()
+        assignment = frozenset(self._consumer.assignment())
+        if now < self._next_s and assignment == self._assignment:
+            return False  # a new assignment is checked at once, the rest every interval_s
+        self._assignment = assignment
+        self._next_s = now + self._interval_s
+        partitions = frozenset(
+            TopicPartition(topic, p)
+            for topic in self._consumer.subscription() or ()
+            for p in self._consumer.partitions_for_topic(topic) or ())
+        state = (partitions, assignment)
+        if not partitions or state == self._verified:
+            return False
+        try:
+            group = self._describe(self._group)
+        except KafkaError as exc:
+            log.warning("group %s: who owns which partition is unknown (%r): checked again "
+                        "in %.0f s", self._group, exc, self._interval_s)
+            return False
+        if group.get("error") or group.get("group_state") != "Stable":
+            return False  # forming or rebalancing: its assignment is not final yet
+        missing = partitions - owned_partitions(group)
+        if not missing:
+            self._verified = state
+            return False
+        log.warning("group %s: %s have no owner (added after the group's assignment was made); "
+                    "rejoining so that the group assigns them", self._group,
+                    ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(missing)))
+        # kafka-python has no public call for it: the next poll() sends JoinGroup.
+        self._consumer._coordinator.request_rejoin()
+        self.rejoins += 1
+        return True
+
+
+def owned_partitions(group: dict) -> set[TopicPartition]:
+    """The partitions assigned to the members of a DescribeGroups answer (kafka-python 3.x)."""
+    owned: set[TopicPartition] = set()
+    for member in group.get("members", ()):
+        assignment = member.get("member_assignment")
+        if not assignment:
+            continue
+        if isinstance(assignment, dict):
+            pairs = [(a["topic"], a["partitions"])
+                     for a in assignment.get("assigned_partitions", ())]
+        else:
+            pairs = assignment.assigned_partitions
+        owned.update(TopicPartition(topic, p) for topic, ps in pairs for p in ps)
+    return owned
 
 
 def admin(settings: KafkaSettings, client_id: str, **overrides: Any) -> KafkaAdminClient:
