@@ -4,8 +4,8 @@
    input size (Conv2D + Dense multiply-adds counted from the Keras model's layer shapes).
 2. Model alone, on the ML host: the served model card through the ML server's own code path
    (``Classifier.probabilities`` over uint8 pixels, in one process, no HTTP/PNG/Kafka) at batch 1,
-   the inference consumer's batch size and 64, with its CPU-seconds per image; and the ML
-   server's batch-of-one latency over HTTP.
+   8, 64 and the inference consumer's batch size (read from its environment file on the ML
+   host), with its CPU-seconds per image; and the ML server's batch-of-one latency over HTTP.
 3. Pipeline: end-to-end images/s with the simulator at full speed (produced -> row stored with
    its prediction, from the DB timestamps) and the CPU time every container and service spent
    over it (bench/cpu.py, cgroup counters); then the latency distribution at half that rate.
@@ -33,6 +33,7 @@ import base64
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -631,14 +632,27 @@ def plots(r: dict, stem: Path) -> list[Path]:
     return [throughput, latency, cpu]
 
 
+def deployed_batch(ml_host: str) -> int:
+    """The inference consumer's batch size as deployed on ``ml_host`` (its environment file:
+    what a run with ``-e inference_consumer_batch_size=N`` set), else as the inventory sets it."""
+    done = subprocess.run(["docker", "exec", ml_host, "cat",
+                           layout().env_file("iot-inference-consumer")],
+                          capture_output=True, text=True, check=False)
+    found = re.search(r'^IOT_INFER_BATCH_SIZE="?(\d+)"?$', done.stdout, re.MULTILINE)
+    if found:
+        return int(found.group(1))
+    log.warning("no IOT_INFER_BATCH_SIZE on %s: the inventory's value", ml_host)
+    return int(setting("inference_consumer", "inference_consumer_batch_size", ml_host))
+
+
 def measure_all(args: argparse.Namespace, db: Db, r: dict) -> None:
     """Steps 1-6 into ``r`` (filled as they go: a failure keeps what was measured)."""
-    batch = int(setting("inference_consumer", "inference_consumer_batch_size", args.ml_host))
+    batch = deployed_batch(args.ml_host)
     r["pipeline_batch"] = batch
     r["host"] = host_limit(args.ml_host, args.input_size, args.stem)
     images = test_images(args.dataset, 512)
     wait_idle(db)
-    r["model_alone"] = model_in_host(args.ml_host, images, sorted({1, batch, 64}), args.seconds)
+    r["model_alone"] = model_in_host(args.ml_host, images, sorted({1, 8, batch, 64}), args.seconds)
     r["http"] = model_http(args.url, pngs_b64(images[:64]), [1], args.seconds)
     best = max(m["images_per_s"] for m in r["model_alone"]["batches"].values())
     full_n = max(300, int(best * args.pipeline_seconds / 2))

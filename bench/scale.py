@@ -7,8 +7,9 @@ held to the same CPU quota.
    (playbooks/ml.yml on the new hosts only).
 2. Limits every ML container to --cpus CPUs (`docker update`), so the ML hosts, not the shared
    cores, set the pace.
-3. For 1, 2, 3 hosts (the others' ML server and inference consumer stopped; a stopped consumer
-   leaves its group at once), the simulator at full speed: images/s from the database
+3. For 1, 2, 3 hosts (the others' ML server and inference consumer stopped, and dropped from
+   their group after its session timeout; every partition owned before a run starts), the
+   simulator at full speed: images/s from the database
    timestamps, as bench/run.py measures it, and the CPU each container spent per image.
 4. Lifts the limits and removes the added hosts (--keep-hosts keeps them, stopped).
 
@@ -30,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu import Meter
-from run import HEALTH, REPO, Db, containers, pipeline_run, run, wait_idle
+from layout import layout
+from run import HEALTH, REPO, Db, containers, pipeline_run, py_on, run, wait_idle
 
 log = logging.getLogger("bench")
 INVENTORY = ["-i", str(REPO / "inventory" / "local"),
@@ -60,28 +62,78 @@ def ml_healthy(host: str) -> bool:
 # inference_consumer_session_timeout_ms, 10 s by default) and a margin.
 SESSION_S = 12
 
+# Run on a host with the service's settings: every partition of the group's topics with the
+# members that own it (DescribeGroups), as JSON.
+OWNERS = """
+import json, sys
+from importlib import import_module
+from iot_pipeline import kafka_io
+module, env_file = sys.argv[1], sys.argv[2]
+env = {}
+for line in open(env_file).read().splitlines():
+    if "=" in line and not line.startswith("#"):
+        key, value = line.split("=", 1)
+        env[key] = value.strip('"')
+settings = import_module("iot_pipeline." + module).load_settings([], env)
+settings = settings[0] if isinstance(settings, tuple) else settings
+topics = [settings.kafka.images_topic]
+if module == "db_consumer":
+    topics.append(settings.kafka.results_topic)
+reader = kafka_io.offsets_reader(settings.kafka, "bench-scale-owners")
+admin = kafka_io.admin(settings.kafka, "bench-scale-owners")
+try:
+    group = admin.describe_groups([settings.group_id])[settings.group_id]
+    partitions = {f"{t}[{p}]" for t in topics for p in reader.partitions_for_topic(t) or ()}
+finally:
+    admin.close()
+    reader.close()
+owned = {f"{tp.topic}[{tp.partition}]" for tp in kafka_io.owned_partitions(group)}
+print(json.dumps({"group": settings.group_id, "state": group.get("group_state"),
+                  "members": len(group.get("members", [])),
+                  "unowned": sorted(partitions - owned), "partitions": len(partitions)}))
+"""
+
+
+def unowned(host: str, module: str, service: str) -> dict:
+    return py_on(host, OWNERS, module, layout().env_file(service))
+
 
 def use_hosts(active: list[str], db_host: str = "iot-db", timeout_s: float = 300) -> None:
-    """Exactly ``active`` run their ML server and inference consumer; waits for their health.
+    """Exactly ``active`` run their ML server and inference consumer; waits for their health and
+    for both groups to own every partition.
 
-    The groups are formed afresh: every consumer (the DB writer too) is stopped for longer
-    than the session timeout, so the broker drops the static members and the first to come
-    back assigns every partition. A static member that rejoins a stable group is handed its
-    old assignment instead ("will not trigger a rebalance", the broker logs), which after the
-    images topic grew to --partitions would leave the new partitions unread (see README)."""
+    The stopped hosts' consumers are static members: the broker drops them once their session
+    timeout has passed, and the group rebalances. Nothing else is restarted: members already
+    running see the partitions added in step 1 through kafka_io.Coverage (a static member that
+    rejoined a stable group keeps its old assignment, see the README), and this checks it: a
+    run starts only when the DB writer's and the inference consumers' groups own every
+    partition of their topics (within about a minute: metadata age and Coverage's interval)."""
     for host in HOSTS:
-        run(["docker", "exec", host, "systemctl", "stop", *SERVICES])
-    run(["docker", "exec", db_host, "systemctl", "stop", "iot-db-consumer"])
-    time.sleep(SESSION_S)
-    run(["docker", "exec", db_host, "systemctl", "start", "iot-db-consumer"])
+        if host not in active:
+            run(["docker", "exec", host, "systemctl", "stop", *SERVICES])
     for host in active:
         run(["docker", "exec", host, "systemctl", "start", *SERVICES])
+    time.sleep(SESSION_S)
     deadline = time.monotonic() + timeout_s
     while not all(ml_healthy(h) for h in active):
         if time.monotonic() > deadline:
             raise RuntimeError(f"ML servers of {active} not healthy after {timeout_s:.0f}s")
         time.sleep(2)
-    time.sleep(15)  # the consumers join the group and get their partitions
+    checks = ((db_host, "db_consumer", "iot-db-consumer", 1),
+              (active[0], "inference_consumer", "iot-inference-consumer", len(active)))
+    deadline = time.monotonic() + 120
+    while True:
+        groups = [(unowned(host, module, service), members)
+                  for host, module, service, members in checks]
+        if all(g["state"] == "Stable" and not g["unowned"] and g["members"] == members
+               for g, members in groups):
+            for g, _ in groups:
+                log.info("group %s: %d members own all %d partitions", g["group"],
+                         g["members"], g["partitions"])
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"groups not settled with every partition owned: {groups}")
+        time.sleep(5)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,9 +70,9 @@ OPTIONS: tuple[Option, ...] = (
            default="http://127.0.0.1:8000"),
     Option("group_id", "IOT_INFER_GROUP_ID", "consumer group of the inference consumers",
            default="iot-inference"),
-    # 8 and no linger, as deployed: ResNet-50 on CPU gets slower per image at 16-32 (bench/).
+    # 64 and no linger, as deployed: batches fill only under load (roles/inference_consumer).
     Option("batch_size", "IOT_INFER_BATCH_SIZE", "images per ML request", config.positive_int,
-           default="8"),
+           default="64"),
     Option("batch_timeout_ms", "IOT_INFER_BATCH_TIMEOUT_MS",
            "how long to wait to fill a batch once an image arrived", config.non_negative_int,
            default="0"),
