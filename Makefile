@@ -98,7 +98,7 @@ evaluate: venv ## top-1/top-5 of MODEL on the test split (EVAL_N images), confus
 		--plot bench/results/confusion-$(notdir $(MODEL)).png
 
 # --- benchmark --------------------------------------------------------------------------------
-.PHONY: bench bench-model bench-scale chaos
+.PHONY: bench bench-model bench-scale bench-rate chaos
 bench-model: venv ## the served model alone at batch 1/8/64 (JSON in bench/reports/)
 	python bench/model_alone.py --imagenet-shaped
 
@@ -107,6 +107,9 @@ bench: deps ## model alone, pipeline (CPU per service), half-rate latency, origi
 
 bench-scale: deps ## pipeline images/s with 1, 2, 3 ML hosts at the same CPU quota (adds, then removes, 2 hosts)
 	python bench/scale.py $(SCALE_ARGS)
+
+bench-rate: deps ## latency at one set rate (RATE_ARGS: --rate 45.5 --batches 64 8) per inference batch size
+	python bench/same_rate.py $(RATE_ARGS)
 
 chaos: deps ## fault-injection runs with figures (local deployment)
 	python bench/chaos.py $(CHAOS_ARGS)

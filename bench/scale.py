@@ -9,8 +9,9 @@ held to the same CPU quota.
    cores, set the pace.
 3. For 1, 2, 3 hosts (the others' ML server and inference consumer stopped, and dropped from
    their group after its session timeout; every partition owned before a run starts), the
-   simulator at full speed: images/s from the database
-   timestamps, as bench/run.py measures it, and the CPU each container spent per image.
+   simulator at full speed: images/s from the database timestamps, as bench/run.py measures
+   it, and the CPU each container spent per image. An unrecorded one-host run first sizes the
+   runs, so that each lasts about --seconds.
 4. Lifts the limits and removes the added hosts (--keep-hosts keeps them, stopped).
 
 Writes bench/results/scale-<stamp>.json (top-level scale_2 and scale_3: images/s with 2 and 3
@@ -163,18 +164,23 @@ def main(argv: list[str] | None = None) -> int:
         for host in HOSTS:
             set_cpus(host, args.cpus)
         meter = Meter(containers())
-        rate_1 = None
+        url = "http://127.0.0.1:8000/predict"  # iot-ml's /metrics: its busy share
+        # A first, unrecorded run with one host sizes the others: each measured run then lasts
+        # about --seconds (a shorter one would weigh its start, small batches, more).
+        use_hosts(HOSTS[:1], args.db_host)
+        wait_idle(db)
+        calibration = pipeline_run(db, args.sim_host, 300, 0, 120 + 20 * args.seconds, url, meter)
+        rate_1 = calibration["images_per_s"]
+        r["calibration_images_per_s"] = rate_1
         for n in (1, 2, 3):
             use_hosts(HOSTS[:n], args.db_host)
             wait_idle(db)
-            images = max(300, int((rate_1 or 15) * n * args.seconds))
-            url = "http://127.0.0.1:8000/predict"  # iot-ml's /metrics: its busy share
+            images = max(300, int(rate_1 * n * args.seconds))
             result = pipeline_run(db, args.sim_host, images, 0, 120 + 20 * args.seconds, url,
                                   meter)
             result.pop("latencies")
             result["hosts"] = HOSTS[:n]
             r["runs"][str(n)] = result
-            rate_1 = rate_1 or result["images_per_s"]
             log.info("%d ML host(s): %.1f images/s", n, result["images_per_s"])
     finally:
         for host in HOSTS:
