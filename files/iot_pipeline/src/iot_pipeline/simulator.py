@@ -54,6 +54,9 @@ OPTIONS: tuple[Option, ...] = (
            default=None),
     Option("progress_s", "IOT_SIM_PROGRESS_S", "seconds between progress lines",
            config.non_negative_float, default="5"),
+    Option("linger_ms", "IOT_SIM_LINGER_MS",
+           "milliseconds the producer waits to fill a request (kafka-python linger_ms)",
+           config.non_negative_int, default="5"),
     *config.metrics_options(9101),
 )
 
@@ -70,6 +73,7 @@ class Settings:
     seed: int | None
     ack_log: str | None
     progress_s: float
+    linger_ms: int = 5
     log_level: str = "INFO"
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
@@ -209,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              len(data.label_names), settings.devices,
              f"{settings.rate:g} images/s" if settings.rate else "full speed")
     stop = StopFlag().install()
-    producer = kafka_io.producer(settings.kafka, client_id="iot-simulator")
+    producer = kafka_io.producer(settings.kafka, client_id="iot-simulator",
+                                 linger_ms=settings.linger_ms)
     with contextlib.ExitStack() as cleanup:
         if server is not None:
             cleanup.callback(server.shutdown)

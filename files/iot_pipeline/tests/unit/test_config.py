@@ -20,6 +20,13 @@ def test_a_flag_wins_over_the_environment():
     assert (settings.rate, settings.count) == (2.5, 7)
 
 
+def test_the_simulator_producer_linger_is_a_setting():
+    assert simulator.load_settings([], BASE).linger_ms == 5
+    assert simulator.load_settings([], {**BASE, "IOT_SIM_LINGER_MS": "25"}).linger_ms == 25
+    with pytest.raises(ConfigError, match="IOT_SIM_LINGER_MS"):
+        simulator.load_settings([], {**BASE, "IOT_SIM_LINGER_MS": "-1"})
+
+
 def test_a_missing_required_setting_names_its_variable():
     with pytest.raises(ConfigError, match="IOT_KAFKA_BOOTSTRAP_SERVERS is required"):
         db_consumer.load_settings([], {})
