@@ -1,11 +1,13 @@
 """Score a model card's weights on the CIFAR-100 test split: top-1, top-5, per class, confusion.
 
     iot-evaluate files/models/resnet50-cifar100.card.json --data ../shared/datasets/cifar-100 \
-                 [--limit 1000] [--plot bench/results/confusion.png]
+                 [--limit 1000] [--plot bench/results/confusion.png] [--runtime tensorflow]
 
 Prints one JSON object.  ``--limit N`` scores N images spread evenly over the split (every
 ``10000/N``-th image, so every class is represented: the split is ordered by class in some
 copies), always the same ones.  The card's sha256 is checked before anything is scored.
+``--runtime`` runs the model as the ML server would (iot_pipeline.model; default ``tensorflow``,
+what the card's own figures were measured with): ``litert-int8`` scores what is deployed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from iot_pipeline import dataset, resnet
+from iot_pipeline.model import RUNTIMES, forward_function
 from iot_pipeline.resnet import ModelError
 
 log = logging.getLogger("iot_pipeline.evaluate")
@@ -35,8 +38,14 @@ def spread(total: int, limit: int) -> np.ndarray:
 
 
 def evaluate(card_path: str | Path, source: str, limit: int = 0,
-             weights: str | None = None, batch_size: int = 250) -> dict[str, Any]:
+             weights: str | None = None, batch_size: int = 250,
+             runtime: str = "tensorflow") -> dict[str, Any]:
     model, card = resnet.model_from_card(card_path, weights)
+    forward = forward_function(model, runtime=runtime)
+
+    def predict(images):
+        return np.concatenate([forward(images[at:at + batch_size])
+                               for at in range(0, len(images), batch_size)])
     try:
         test = dataset.load(source, "test")
     except dataset.DatasetError as exc:
@@ -46,7 +55,7 @@ def evaluate(card_path: str | Path, source: str, limit: int = 0,
     pick = spread(len(test), limit)
     images, labels = test.images[pick], test.labels[pick].astype(np.int64)
     started = time.perf_counter()
-    probs = resnet.predict(model, images, batch_size)
+    probs = predict(images)
     seconds = time.perf_counter() - started
     predicted = probs.argmax(axis=1)
     classes = len(card["labels"])
@@ -60,6 +69,7 @@ def evaluate(card_path: str | Path, source: str, limit: int = 0,
     return {
         "card": str(card_path),
         "model": card.get("name"),
+        "runtime": runtime,
         "sha256": card["sha256"],
         "images": len(pick),
         "top1": round(resnet.top_k_accuracy(probs, labels, 1), 4),
@@ -113,9 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="score N spread test images (0 = all)")
     p.add_argument("--plot", default="", help="write the confusion / per-class plot PNG here")
     p.add_argument("--per-class", action="store_true", help="print every class's top-1 too")
+    p.add_argument("--runtime", default="tensorflow", choices=RUNTIMES,
+                   help="what runs the model, as in the ML server (default: tensorflow)")
     args = p.parse_args(argv)
     try:
-        result = evaluate(args.card, args.data, args.limit, args.weights)
+        result = evaluate(args.card, args.data, args.limit, args.weights, runtime=args.runtime)
     except ModelError as exc:
         log.error("%s", exc)
         return 2

@@ -43,6 +43,7 @@ from iot_pipeline.messages import (
     InvalidMessage,
     decode_image,
 )
+from iot_pipeline.model import DEFAULT_RUNTIME, RUNTIMES
 from iot_pipeline.resnet import DEFAULT_CARD
 from iot_pipeline.runtime import configure_logging
 
@@ -58,7 +59,15 @@ OPTIONS: tuple[Option, ...] = (
            default="64"),
     Option("max_request_bytes", "IOT_ML_MAX_REQUEST_BYTES", "largest request body",
            config.positive_int, default=str(16 * 1024 * 1024)),
-    Option("tf_threads", "IOT_ML_TF_THREADS", "TensorFlow intra-op threads (0: one per core)",
+    Option("runtime", "IOT_ML_RUNTIME",
+           f"what runs the model: {', '.join(RUNTIMES)} (iot_pipeline.model)",
+           default=DEFAULT_RUNTIME, check=lambda value: value in RUNTIMES,
+           check_message=f"must be one of {', '.join(RUNTIMES)}"),
+    Option("model_cache_dir", "IOT_ML_MODEL_CACHE_DIR",
+           "directory the LiteRT conversion is kept in across restarts ('': convert at each start)",
+           default=""),
+    Option("tf_threads", "IOT_ML_TF_THREADS",
+           "threads of one model call, TensorFlow or LiteRT (0: one per core)",
            config.non_negative_int, default="0"),
     Option("input_size", "IOT_ML_INPUT_SIZE",
            "input edge of the 'imagenet'/'random' models (a card sets its own)",
@@ -75,6 +84,8 @@ class Settings:
     top_k: int = 5
     max_batch: int = 64
     max_request_bytes: int = 16 * 1024 * 1024
+    runtime: str = DEFAULT_RUNTIME
+    model_cache_dir: str = ""
     tf_threads: int = 0
     input_size: int = 224
     log_level: str = "INFO"
@@ -227,7 +238,8 @@ def create_app(
                 from iot_pipeline.model import Classifier
 
                 classifier = Classifier(settings.weights, settings.input_size,
-                                        settings.tf_threads)
+                                        settings.tf_threads, settings.runtime,
+                                        settings.model_cache_dir)
         except Exception as exc:
             log.exception("model failed to load")
             state["error"] = str(exc)
@@ -246,6 +258,7 @@ def create_app(
             return jsonify({"status": status, "error": state["error"]}), 503
         return jsonify({"status": "ok", "model": classifier.name,
                         "version": getattr(classifier, "version", ""),
+                        "runtime": getattr(classifier, "runtime", ""),
                         "labels": len(getattr(classifier, "labels", ()))})
 
     @app.get("/metrics")

@@ -208,7 +208,7 @@ def test_imagenet_labels_ship_with_the_package():
 
 @pytest.mark.slow
 def test_the_real_resnet50_classifies_a_batch_into_imagenet_labels():
-    model = Classifier(weights="none", tf_threads=2)
+    model = Classifier(weights="none", tf_threads=2, runtime="tensorflow")
     pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     probs = model.probabilities(pixels)
     assert probs.shape == (3, 1000)
