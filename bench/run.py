@@ -174,8 +174,9 @@ images = np.load(io.BytesIO(sys.stdin.buffer.read()))["images"]
 from iot_pipeline.model import Classifier
 from iot_pipeline.ml_server import Settings
 settings = Settings.from_env(env)
-classifier = Classifier(settings.weights, settings.input_size, settings.tf_threads)
-out = {"model": classifier.name, "version": classifier.version,
+classifier = Classifier(settings.weights, settings.input_size, settings.tf_threads,
+                        settings.runtime, settings.model_cache_dir)
+out = {"model": classifier.name, "version": classifier.version, "runtime": classifier.runtime,
        "input_size": classifier.input_size, "batches": {}}
 rng = np.random.default_rng(0)
 for batch in batches:

@@ -14,10 +14,10 @@ runtimes run it (``runtime``, the ML server's ``IOT_ML_RUNTIME``):
 
 * ``litert-int8`` (the default): the Keras model converted once at load to a LiteRT (TFLite)
   flatbuffer with dynamic-range int8 weights (``tf.lite.Optimize.DEFAULT``; activations stay
-  float), run by the LiteRT interpreter with its XNNPACK CPU kernels. On the repo's model and
-  2 cores: ~2.5 CPU-ms per image at any batch size, against ~23 / 11 / 7 for TensorFlow at
-  batch 1 / 8 / 64, and the same test top-1 (62.75 % vs 62.74 %, 98.8 % of the test images get
-  the same label: files/models/README.md);
+  float, quantized per image), run by the LiteRT interpreter with its XNNPACK CPU kernels.
+  On the repo's model, one thread: ~2.5 CPU-ms per image at any batch size, against ~23 / 11
+  / 7 for TensorFlow at batch 1 / 8 / 64, and the same test top-1 (62.75 % vs 62.74 %:
+  files/models/README.md; ``make bench-model`` measures all three);
 * ``litert``: the same with float32 weights (~9 / 7 / 7.5 CPU-ms at batch 1 / 8 / 64);
 * ``tensorflow``: one ``tf.function`` (``model.predict`` is avoided because its per-call set-up
   costs more than a small batch).
@@ -25,7 +25,9 @@ runtimes run it (``runtime``, the ML server's ``IOT_ML_RUNTIME``):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -226,10 +228,13 @@ def _convert(tf, model, quantize: bool) -> bytes:
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if quantize:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # int8 weights, float math
+    printed = io.StringIO()  # Keras prints the saved signature: kept off stdout (iot-evaluate's)
     try:
-        flatbuffer = converter.convert()
+        with contextlib.redirect_stdout(printed):
+            flatbuffer = converter.convert()
     except Exception as exc:  # the converter raises many kinds; all mean "cannot serve"
         raise ModelError(f"cannot convert the model to LiteRT: {exc}") from exc
+    log.debug("converter output: %s", printed.getvalue())
     log.info("converted to LiteRT (%s weights, %.1f MB) in %.1fs",
              "int8" if quantize else "float32", len(flatbuffer) / 1e6, time.monotonic() - started)
     return flatbuffer

@@ -108,3 +108,13 @@ def test_evaluate_prints_json_and_a_confusion_plot(trained, tmp_path):
     assert 0 <= result["top1"] <= result["top5"] <= 1
     assert len(result["worst_classes"]) == 5
     assert plot.stat().st_size > 20_000
+    assert result["runtime"] == "tensorflow"
+
+
+def test_evaluate_scores_the_litert_runtime_and_prints_only_json(trained):
+    run = iot("evaluate", trained["prefix"].with_name("tiny.card.json"), "--data", CIFAR_DIR,
+              "--limit", "200", "--runtime", "litert-int8")
+    result = json.loads(run.stdout)  # the converter's own printing stays off stdout
+    assert result["runtime"] == "litert-int8"
+    assert result["images"] == 200
+    assert 0 <= result["top1"] <= result["top5"] <= 1
