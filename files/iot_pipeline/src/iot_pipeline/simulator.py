@@ -1,8 +1,13 @@
 """Simulator host: many simulated IoT devices sending CIFAR-100 images to the images topic.
 
 Devices take turns at a fixed overall rate (or as fast as Kafka acknowledges): message i comes
-from device ``i mod devices`` and is keyed by it, so each device's images stay in order on one
-partition. Every message carries a fresh unique id and the image's true label.
+from device ``i mod devices``. Every message carries a fresh unique id (its record key) and the
+image's true label. Above 1 / ``TICK_S`` images/s the images due within one tick go out
+together, as devices sending on their own clocks would: one wake-up and one produce request per
+tick instead of one per image, at the same average rate.
+
+The split's PNGs are encoded once and kept in the cache directory (:class:`PngCache`), so a run
+spends no time encoding: a run of a few thousand images touches each image about once.
 
 Its Prometheus metrics (images sent, acknowledged from the producer's callback, failed, and the
 send-to-ack latency) are served on IOT_METRICS_ADDRESS:IOT_METRICS_PORT while it runs; a finite
@@ -12,7 +17,9 @@ IOT_SIM_COUNT takes the endpoint down with the process.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -31,6 +38,9 @@ from iot_pipeline.runtime import StopFlag, configure_logging
 
 log = logging.getLogger("iot_pipeline.simulator")
 
+# Shortest sleep between sends at a set rate: images due meanwhile are sent together.
+TICK_S = 0.01
+
 OPTIONS: tuple[Option, ...] = (
     *config.KAFKA_OPTIONS,
     Option("log_level", "IOT_LOG_LEVEL", "logging level", default="INFO"),
@@ -45,7 +55,8 @@ OPTIONS: tuple[Option, ...] = (
            "or 'download'", default="download"),
     Option("split", "IOT_SIM_SPLIT", "train or test", default="test",
            check=lambda v: v in dataset.SPLITS, check_message="must be train or test"),
-    Option("cache_dir", "IOT_SIM_CACHE_DIR", "where a downloaded archive is kept",
+    Option("cache_dir", "IOT_SIM_CACHE_DIR",
+           "where a downloaded archive and the split's encoded PNGs are kept",
            default="~/.cache/iot-pipeline"),
     Option("seed", "IOT_SIM_SEED", "seed of the image order (default: random)", int,
            default=None),
@@ -129,15 +140,71 @@ class Tally:
         log.error("image %s was not acknowledged: %s", unique_id, error)
 
 
+class PngCache:
+    """Every image of a split as PNG bytes, encoded once and kept in ``directory``.
+
+    The file (``pngs-<digest>.npz``: the PNGs back to back and their offsets) is named after a
+    digest of the pixels, so another dataset or split never reads it; a file that cannot be read
+    or does not match is encoded again. Encoding the 10,000 test images takes about a second.
+    A directory that cannot be written only costs that second at each start.
+    """
+
+    def __init__(self, data: dataset.Dataset, directory: str | Path) -> None:
+        digest = hashlib.blake2b(np.ascontiguousarray(data.images).data, digest_size=12)
+        self.path = Path(directory).expanduser() / f"pngs-{digest.hexdigest()}.npz"
+        self.blobs = self._read(len(data))
+        if self.blobs is None:
+            self.blobs = [messages.encode_png(image) for image in data.images]
+            self._write()
+
+    def __getitem__(self, index: int) -> bytes:
+        return self.blobs[index]
+
+    def _read(self, count: int) -> list[bytes] | None:
+        try:
+            with np.load(self.path, allow_pickle=False) as stored:
+                blob, offsets = stored["blob"], stored["offsets"]
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("encoding the PNGs again: %s is unreadable (%s)", self.path, exc)
+            return None
+        if (offsets.ndim != 1 or len(offsets) != count + 1 or offsets[0] != 0
+                or offsets[-1] != len(blob) or np.any(np.diff(offsets) <= 0)):
+            log.warning("encoding the PNGs again: %s does not match the dataset", self.path)
+            return None
+        data = blob.tobytes()
+        return [data[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(),
+                                          strict=True)]
+
+    def _write(self) -> None:
+        offsets = np.cumsum([0, *(len(b) for b in self.blobs)], dtype=np.int64)
+        blob = np.frombuffer(b"".join(self.blobs), dtype=np.uint8)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as out:
+                np.savez(out, blob=blob, offsets=offsets)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log.warning("PNGs not cached (%s): they are encoded again at each start", exc)
+
+
 class Simulator:
-    def __init__(self, settings: Settings, stop: StopFlag, data: dataset.Dataset) -> None:
+    def __init__(self, settings: Settings, stop: StopFlag, data: dataset.Dataset,
+                 pngs: PngCache | None = None) -> None:
         self.settings = settings
         self.stop = stop
         self.data = data
         self.device_ids = [f"device-{n:04d}" for n in range(1, settings.devices + 1)]
+        self._pngs = pngs
         self._png_cache: dict[int, bytes] = {}
 
     def png(self, index: int) -> bytes:
+        if self._pngs is not None:
+            return self._pngs[index]
         cached = self._png_cache.get(index)
         if cached is None:
             cached = self._png_cache[index] = messages.encode_png(self.data.images[index])
@@ -153,7 +220,7 @@ class Simulator:
         while not self.stop.is_set() and (settings.count == 0 or sent < settings.count):
             if interval:
                 delay = started + sent * interval - time.monotonic()
-                if delay > 0 and self.stop.wait(delay):
+                if delay > 0 and self.stop.wait(max(delay, TICK_S)):
                     break
             index = int(order[sent % len(order)])
             device = self.device_ids[sent % len(self.device_ids)]
@@ -209,8 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except dataset.DatasetError as exc:
         log.error("%s", exc)
         return 2
-    log.info("%d %s images, %d classes; %d devices at %s", len(data), settings.split,
-             len(data.label_names), settings.devices,
+    pngs = PngCache(data, Path(settings.cache_dir) / "png")
+    log.info("%d %s images, %d classes (PNGs in %s); %d devices at %s", len(data),
+             settings.split, len(data.label_names), pngs.path, settings.devices,
              f"{settings.rate:g} images/s" if settings.rate else "full speed")
     stop = StopFlag().install()
     producer = kafka_io.producer(settings.kafka, client_id="iot-simulator",
@@ -222,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ack_file = (cleanup.enter_context(Path(settings.ack_log).open("a", buffering=1))
                     if settings.ack_log else None)
         tally = Tally(ack_file, counters)
-        Simulator(settings, stop, data).run(producer, tally)
+        Simulator(settings, stop, data, pngs).run(producer, tally)
     return 1 if tally.failed else 0
 
 
