@@ -71,7 +71,8 @@ def simulate(env, tmp_path, count_, **extra):
     ack_log = tmp_path / "acked.txt"
     simulator = Process("simulator", [str(BIN / "iot-simulator")], {
         **env, "IOT_SIM_DATASET": str(CIFAR_DIR), "IOT_SIM_COUNT": str(count_),
-        "IOT_SIM_RATE": "0", "IOT_SIM_DEVICES": "25", "IOT_SIM_ACK_LOG": str(ack_log), **extra,
+        "IOT_SIM_RATE": "0", "IOT_SIM_DEVICES": "25", "IOT_SIM_ACK_LOG": str(ack_log),
+        "IOT_SIM_CACHE_DIR": str(tmp_path / "cache"), **extra,
     }, tmp_path)
     assert simulator.wait(120) == 0, simulator.log()
     simulator.stop()
