@@ -106,7 +106,7 @@ def sort_batch(
         try:
             message = messages.decode(
                 record.value, expected_size=settings.expected_image_size,
-                max_image_bytes=settings.max_image_bytes,
+                max_image_bytes=settings.max_image_bytes, keep_pixels=False,
             )
         except messages.InvalidMessage as error:
             rejected.append((record, error))

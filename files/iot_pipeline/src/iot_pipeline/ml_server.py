@@ -67,7 +67,7 @@ OPTIONS: tuple[Option, ...] = (
            "directory the LiteRT conversion is kept in across restarts ('': convert at each start)",
            default=""),
     Option("tf_threads", "IOT_ML_TF_THREADS",
-           "threads of one model call, TensorFlow or LiteRT (0: one per core)",
+           "threads of one model call, TensorFlow or LiteRT (0: the cores the process may use)",
            config.non_negative_int, default="0"),
     Option("input_size", "IOT_ML_INPUT_SIZE",
            "input edge of the 'imagenet'/'random' models (a card sets its own)",

@@ -41,6 +41,7 @@ import numpy as np
 
 from iot_pipeline import resnet
 from iot_pipeline.resnet import DEFAULT_CARD, ModelError
+from iot_pipeline.runtime import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +71,21 @@ class Classifier:
                  cache_dir: str = "") -> None:
         if runtime not in RUNTIMES:
             raise ModelError(f"unknown runtime {runtime!r}: one of {', '.join(RUNTIMES)}")
-        if tf_threads:
-            os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(tf_threads))
+        # 0: the cores this process may use (its cpuset, capped by a cgroup CPU quota).
+        threads = tf_threads or usable_cpus()
+        limited = bool(tf_threads) or threads < (os.cpu_count() or 1)
+        if limited:
+            os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import keras
         import tensorflow as tf
 
-        if tf_threads:
+        if limited:
             try:
-                tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
                 tf.config.threading.set_inter_op_parallelism_threads(1)
             except RuntimeError:  # TensorFlow already ran in this process: its threads stay
-                log.warning("TensorFlow is initialised already; tf_threads=%d not applied",
-                            tf_threads)
+                log.warning("TensorFlow is initialised already; %d threads not applied", threads)
         started = time.monotonic()
         self.card: dict | None = None
         if weights in {"imagenet", "random", "none"}:
@@ -91,12 +94,14 @@ class Classifier:
             model, preprocess = self._from_card(weights)
         self.input_size = model.input_shape[1]
         self.runtime = runtime
-        self._forward = forward_function(model, preprocess, runtime, tf_threads, cache_dir)
+        self.threads = threads
+        self._forward = forward_function(model, preprocess, runtime, threads, cache_dir)
         # Trace and warm up once so the first request does not pay for it.
         self._forward(np.zeros((1, 32, 32, 3), np.uint8))
         self.load_seconds = time.monotonic() - started
-        log.info("model %s (version %s, %d labels, %d px, %s) ready in %.1fs", self.name,
-                 self.version, len(self.labels), self.input_size, runtime, self.load_seconds)
+        log.info("model %s (version %s, %d labels, %d px, %s, %d threads) ready in %.1fs",
+                 self.name, self.version, len(self.labels), self.input_size, runtime, threads,
+                 self.load_seconds)
 
     def _imagenet_shaped(self, keras, weights: str, input_size: int):
         self.labels = imagenet_labels()
@@ -174,7 +179,7 @@ def forward_function(model, preprocess=None, runtime: str = DEFAULT_RUNTIME,
 
         return lambda pixels: forward(pixels).numpy()
     return _LiteRT(tf, model, to_input, quantize=runtime == "litert-int8",
-                   threads=threads or os.cpu_count() or 1, cache_dir=cache_dir)
+                   threads=threads or usable_cpus(), cache_dir=cache_dir)
 
 
 class _LiteRT:
