@@ -293,10 +293,11 @@ def create_app(
         except BadRequest as exc:
             metrics.observe("predict", exc.status)
             return _error(exc.status, exc.error, exc.detail, exc.index)
-        started = time.perf_counter()
-        with predict_lock:  # one batch at a time: TF already uses every core it is given
+        with predict_lock:  # one batch at a time: the model already uses every core it is given
+            # Timed inside the lock: a request waiting for the previous batch is not the model's.
+            started = time.perf_counter()
             predictions = classifier.classify(batch, top_k)
-        elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - started
         metrics.observe("predict", 200, images=len(batch), seconds=elapsed)
         return jsonify({
             "model": classifier.name,
