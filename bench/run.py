@@ -13,7 +13,8 @@
    per image on the 224 px ImageNet-shaped ResNet-50, one acknowledged produce and one DB
    commit per message), on the same hosts.
 5. Batch size 1: our services redeployed with one image per request/transaction and one commit
-   per message (inference_consumer_batch_size=1, db_consumer_batch_size=1), then the defaults.
+   per message (inference_consumer_batch_size=1, db_consumer_batch_size=1,
+   db_consumer_commit_interval_ms=0), then the defaults.
 6. Delivery modes: the full-speed run again with the inference consumer redeployed
    at-least-once (no Kafka transactions), beside step 3's exactly-once run.
 
@@ -453,7 +454,8 @@ class Baseline:
 
 
 # --- 5. batch size 1 --------------------------------------------------------------------------
-SEED_VARS = {"inference_consumer_batch_size": 1, "db_consumer_batch_size": 1}
+SEED_VARS = {"inference_consumer_batch_size": 1, "db_consumer_batch_size": 1,
+             "db_consumer_commit_interval_ms": 0}
 
 
 def redeploy(extra: dict) -> None:

@@ -404,7 +404,7 @@ class InferenceConsumer:
             if not done:
                 self._abort(batch)
                 return Outcome.STOPPED
-            committed = self._commit(_next_offsets(batch))
+            committed = self._commit(kafka_io.next_offsets(batch))
         except BaseException:
             if self.exactly_once:
                 self._abort(batch, quiet=True)
@@ -590,16 +590,6 @@ class InferenceConsumer:
         self.coverage.close()
         self.consumer.close(autocommit=False)
         self.producer.close(timeout=10)
-
-
-def _next_offsets(batch: Sequence[ConsumerRecord]) -> dict[TopicPartition, OffsetAndMetadata]:
-    """The offsets to commit once this batch is done: one past its last record per partition."""
-    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-    for record in batch:
-        tp = TopicPartition(record.topic, record.partition)
-        if tp not in offsets or offsets[tp].offset <= record.offset:
-            offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
-    return offsets
 
 
 def _result(message: messages.ImageMessage, model: str, prediction: dict,

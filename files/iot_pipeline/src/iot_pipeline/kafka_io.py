@@ -28,7 +28,7 @@ from kafka.errors import (
     RebalanceInProgressError,
     RetriableError,
 )
-from kafka.structs import TopicPartition
+from kafka.structs import OffsetAndMetadata, TopicPartition
 from prometheus_client import CollectorRegistry, Counter
 
 from iot_pipeline.config import KafkaSettings
@@ -272,6 +272,16 @@ def commit(kafka_consumer: KafkaConsumer, offsets: dict | None = None) -> bool:
                     "the batch", exc)
         return False
     return True
+
+
+def next_offsets(records: Iterable[ConsumerRecord]) -> dict[TopicPartition, OffsetAndMetadata]:
+    """The offsets to commit once these records are done: one past the last per partition."""
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    for record in records:
+        tp = TopicPartition(record.topic, record.partition)
+        if tp not in offsets or offsets[tp].offset <= record.offset:
+            offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
+    return offsets
 
 
 def rewind(kafka_consumer: KafkaConsumer, records: Iterable[ConsumerRecord]) -> None:

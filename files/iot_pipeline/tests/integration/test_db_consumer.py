@@ -1,10 +1,13 @@
 """The DB consumer against a real broker and a real PostgreSQL."""
 
+import time
 from dataclasses import replace
 from datetime import timedelta, timezone
 
 import psycopg2
 import pytest
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
 
 from iot_pipeline import db_consumer, messages, store
 from iot_pipeline.config import KafkaSettings
@@ -102,6 +105,66 @@ def test_offsets_are_committed_so_a_restart_does_not_replay(kafka_bootstrap, kaf
         wait_for(lambda: count(pg_dsn) == 21, 60, "the new row")
         wait_for(lambda: second.stored_images >= 1, 10, "the second consumer's write")
     assert second.stored_images == 1
+
+
+def committed_total(bootstrap, group, topic):
+    """The sum of the group's committed offsets on the topic (its records stored for good)."""
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return sum(reader.committed(TopicPartition(topic, p)) or 0
+                   for p in reader.partitions_for_topic(topic) or ())
+    finally:
+        reader.close(autocommit=False)
+
+
+def test_offsets_are_committed_once_per_interval_while_records_keep_coming_then_when_idle(
+        kafka_bootstrap, kafka_topics, pg_dsn):
+    consumer = make_consumer(kafka_bootstrap, kafka_topics, pg_dsn, commit_interval_s=60)
+    group = consumer.settings.group_id
+    with running_in_thread(consumer):
+        # Waves closer than the idle wait (1 s): the records keep coming, so no commit is due.
+        for wave in range(8):
+            produce(kafka_bootstrap, kafka_topics.images,
+                    [image_message(f"w{wave}-{i}").to_bytes() for i in range(5)])
+            time.sleep(0.2)
+        wait_for(lambda: count(pg_dsn) == 40, 60, "40 rows")
+        stored_batches = metric(consumer, "iot_db_batch_size_count")
+        assert stored_batches >= 3  # several batches, and at most the first one committed
+        assert consumer.commits <= 1
+        # Nothing within the idle wait: everything stored is committed, the lag reads 0.
+        wait_for(lambda: committed_total(kafka_bootstrap, group, kafka_topics.images) == 40, 10,
+                 "offsets of all 40 records committed once the traffic stopped")
+        assert consumer.commits <= 2
+
+
+def test_a_crash_between_commits_replays_only_what_is_stored_and_changes_no_row(
+        kafka_bootstrap, kafka_topics, pg_dsn):
+    produce(kafka_bootstrap, kafka_topics.images, [image_message(f"c-{i}").to_bytes()
+                                                   for i in range(10)])
+    first = make_consumer(kafka_bootstrap, kafka_topics, pg_dsn, commit_interval_s=60)
+    # Driven batch by batch, then closed as a kill would leave it: no commit, no leave.
+    first.conn = store.connect(pg_dsn)
+    store.ensure_schema(first.conn)
+    batch = []
+    while len(batch) < 10:
+        batch += [r for records in first.consumer.poll(timeout_ms=1000).values() for r in records]
+    assert first.handle(batch)  # stored; the first commit is due at once
+    produce(kafka_bootstrap, kafka_topics.images, [image_message("c-late").to_bytes()])
+    late = []
+    while not late:
+        late = [r for records in first.consumer.poll(timeout_ms=1000).values() for r in records]
+    assert first.handle(late)  # stored, its offset not committed: the interval has not passed
+    before = rows(pg_dsn, "SELECT unique_id, image_stored_at FROM iot_image_data ORDER BY 1")
+    first.consumer.close(autocommit=False)
+    first.producer.close()
+    first.conn.close()
+    with running_in_thread(make_consumer(kafka_bootstrap, kafka_topics, pg_dsn)) as second:
+        wait_for(lambda: second.stored_images >= 1, 30, "the replay")
+        time.sleep(1)
+    assert second.stored_images == 1  # only the uncommitted record came again
+    after = rows(pg_dsn, "SELECT unique_id, image_stored_at FROM iot_image_data ORDER BY 1")
+    assert len(after) == 11
+    assert after == before
 
 
 def test_migrations_run_once_and_a_role_without_create_rights_can_still_start(pg_dsn):
