@@ -8,9 +8,10 @@ is rewound and tried again. At-least-once: offsets are committed only after Kafk
 every result and dead letter of the batch, and a crash in between publishes the batch twice.
 While the ML server is down (restarting with a new model, loading it) the batch is retried
 with backoff, never dropped; each result names the model version the server answered with.
-The next batch is polled and sent while the ML server still works on the previous one, so the
-model does not wait for Kafka round trips; batches are still committed (one transaction at a
-time) batch by batch, in offset order, and the next batch's dead letters wait for its own one.
+The next batch is polled and decoded while the ML server still works on the previous one, and
+sent the moment that call returns, so the model does not wait for Kafka round trips; batches are
+still committed (one transaction at a time) batch by batch, in offset order, and the next
+batch's dead letters wait for its own one.
 
 No record can stop the consumer: a batch that fails unexpectedly (a bug, an answer of the ML
 server it cannot read) is tried IOT_MAX_ATTEMPTS times, then image by image, and the images that
