@@ -182,8 +182,8 @@ class DbConsumer:
         self.conn = None
         self.stored_images = 0
         self.stored_results = 0
-        # Offsets of what is stored and not yet committed, and when the next commit is due.
-        self._uncommitted: dict = {}
+        # Something was stored since the last offset commit, and when the next commit is due.
+        self._stored_since_commit = False
         self._commit_due_s = 0.0
         self.commits = 0
 
@@ -195,13 +195,14 @@ class DbConsumer:
         while not self.stop.is_set():
             batch = kafka_io.poll_batch(self.consumer, self.settings.batch_size,
                                         self.settings.batch_linger_s)
-            if batch:
-                self.handle(batch)
+            if batch and not self.handle(batch):
+                break  # stopping with the batch not stored: nothing more is committed
             # Commit once the interval has passed, or at once when nothing came within the
             # idle wait: the traffic stopped, and the group's lag should read 0.
             self.commit_stored(force=not batch)
             self.coverage.check()
-        self.commit_stored(force=True)
+        else:
+            self.commit_stored(force=True)
         log.info("stopped: %d images and %d results stored, dead letters %s",
                  self.stored_images, self.stored_results, self.dead_letters.summary())
 
@@ -213,24 +214,24 @@ class DbConsumer:
                                               self.stop, self.settings.max_attempts):
             return False
         self.dead_letters.forget(batch)
-        self._uncommitted.update(kafka_io.next_offsets(batch))
+        self._stored_since_commit = True
         self.commit_stored()
         return True
 
     def commit_stored(self, force: bool = False) -> None:
-        """Commit the offsets of every stored batch, if the interval has passed (or ``force``).
+        """Commit the consumer's positions if something was stored and the interval has passed
+        (or ``force``). Call it only with every polled record stored: between batches.
 
-        Only partitions still assigned: one the group moved away is another member's now, and
-        it replays from the last commit. A refused commit keeps the offsets for the next one.
+        The positions, not one past each stored record: on the results topic a transaction's
+        commit marker follows its last record, and a position is past it (the lag reads 0).
+        A refused commit (a rebalance) is tried again at the next call.
         """
         now = time.monotonic()
-        if not self._uncommitted or (not force and now < self._commit_due_s):
+        if not self._stored_since_commit or (not force and now < self._commit_due_s):
             return
-        assigned = self.consumer.assignment()
-        offsets = {tp: o for tp, o in self._uncommitted.items() if tp in assigned}
-        if offsets and not kafka_io.commit(self.consumer, offsets):
+        if not kafka_io.commit(self.consumer):
             return
-        self._uncommitted.clear()
+        self._stored_since_commit = False
         self._commit_due_s = now + self.settings.commit_interval_s
         self.commits += 1
 

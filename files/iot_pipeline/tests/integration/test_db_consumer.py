@@ -6,7 +6,7 @@ from datetime import timedelta, timezone
 
 import psycopg2
 import pytest
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
 from iot_pipeline import db_consumer, messages, store
@@ -135,6 +135,31 @@ def test_offsets_are_committed_once_per_interval_while_records_keep_coming_then_
         wait_for(lambda: committed_total(kafka_bootstrap, group, kafka_topics.images) == 40, 10,
                  "offsets of all 40 records committed once the traffic stopped")
         assert consumer.commits <= 2
+
+
+def test_the_committed_offsets_pass_the_results_transaction_markers(
+        kafka_bootstrap, kafka_topics, pg_dsn):
+    # The inference consumer's results come in transactions: a commit marker follows each
+    # one's last record, so "one past the last record" would leave a lag of 1 for ever.
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap,
+                             transactional_id=f"tx-{kafka_topics.results}")
+    producer.init_transactions()
+    producer.begin_transaction()
+    for i in range(5):
+        producer.send(kafka_topics.results, key=b"k", value=result_message(f"tx-{i}").to_bytes())
+    producer.commit_transaction()
+    producer.close()
+    reader = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
+    tps = [TopicPartition(kafka_topics.results, p)
+           for p in reader.partitions_for_topic(kafka_topics.results)]
+    end = sum(reader.end_offsets(tps).values())
+    reader.close()
+    assert end == 6  # 5 results and the marker
+    consumer = make_consumer(kafka_bootstrap, kafka_topics, pg_dsn)
+    with running_in_thread(consumer):
+        wait_for(lambda: consumer.stored_results == 5, 60, "5 results")
+        wait_for(lambda: committed_total(kafka_bootstrap, consumer.settings.group_id,
+                                         kafka_topics.results) == end, 10, "lag 0 on results")
 
 
 def test_a_crash_between_commits_replays_only_what_is_stored_and_changes_no_row(
