@@ -41,8 +41,8 @@ help: ## list the entry points
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 # --- set-up (each step is idempotent and fast when already done) ------------------------------
-.PHONY: deps host-packages venv docker image kafka-archive jmx-exporter vault
-deps: host-packages venv docker image kafka-archive jmx-exporter vault ## install everything the other targets need
+.PHONY: deps host-packages venv docker image vm-image kafka-archive jmx-exporter vault
+deps: host-packages venv docker image vm-image kafka-archive jmx-exporter vault ## install everything the other targets need
 
 host-packages: ## Debian packages on the controller (java, maven, postgresql, debootstrap, promtool, chromium)
 	scripts/install-host-packages.sh
@@ -55,6 +55,9 @@ docker: ## install and start the Docker engine
 
 image: docker ## build the Debian 12 systemd base image (debootstrap + docker import)
 	scripts/build-base-image.sh
+
+vm-image: image ## build the image of the vms scenario's hosts (a fresh cloud VM: sshd, sudo, python3)
+	scripts/build-vm-image.sh
 
 kafka-archive: ## build the offline Kafka archive from Maven Central into .cache/kafka
 	scripts/build-kafka-archive.sh $(KAFKA_VERSION)
@@ -115,8 +118,8 @@ chaos: deps ## fault-injection runs with figures (local deployment)
 	python bench/chaos.py $(CHAOS_ARGS)
 
 # --- tests ------------------------------------------------------------------------------------
-.PHONY: test lint test-python molecule molecule-tls molecule-rollout test-all
-test: deps lint test-python molecule molecule-tls ## lint + Python tests + molecule default and tls scenarios
+.PHONY: test lint test-python molecule molecule-vms molecule-tls molecule-rollout test-all
+test: deps lint test-python molecule molecule-vms ## lint + Python tests + molecule default and vms scenarios
 
 lint: venv host-packages ## ruff, yamllint, ansible-lint (production profile), promtool checks and tests of the alert rules
 	ruff check files/iot_pipeline tests
@@ -132,6 +135,9 @@ test-python: host-packages venv kafka-archive ## the services' tests; tests/: se
 molecule: deps ## molecule test -s $(SCENARIO)
 	molecule test -s $(SCENARIO)
 
+molecule-vms: deps ## molecule test -s vms (site.yml over SSH on five fresh VM-like hosts, TLS, firewall)
+	molecule test -s vms
+
 molecule-tls: deps ## molecule test -s tls (the pipeline over TLS and SASL/SCRAM)
 	molecule test -s tls
 
@@ -139,7 +145,8 @@ molecule-rollout: deps ## molecule test -s rollout (a model rolled out under loa
 	molecule test -s rollout
 
 # Longer than CI's 90-minute budget on 2 cores allows, so CI runs `make test` only.
-test-all: test ## make test + every role scenario (kafka, postgresql, pipeline_app, zookeeper, cluster, rollout)
+test-all: test ## make test + every other scenario (tls, kafka, postgresql, pipeline_app, zookeeper, cluster, rollout)
+	molecule test -s tls
 	scripts/build-kafka-archive.sh 3.9.1
 	molecule test -s kafka
 	molecule test -s postgresql

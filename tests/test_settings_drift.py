@@ -32,6 +32,11 @@ SERVICE_MODULES = {
 DIFFERENT_BY_DESIGN = {
     # The unit caches under the host layout (pipeline_app_cache_dir); a user under their home.
     ("iot_simulator", "IOT_SIM_CACHE_DIR"),
+    # A host binds /metrics to every address behind the firewall (a fact-derived address breaks
+    # on a rebuilt VM); a service run by hand stays on loopback.
+    ("iot_simulator", "IOT_METRICS_ADDRESS"),
+    ("inference_consumer", "IOT_METRICS_ADDRESS"),
+    ("db_consumer", "IOT_METRICS_ADDRESS"),
 }
 # `{{ name }}`, optionally with a type filter: a plain reference to another variable.
 REFERENCE = re.compile(r"^\{\{\s*([a-z_][a-z0-9_]*)\s*(?:\|\s*(?:int|string|bool|float)\s*)?\}\}$")

@@ -1,6 +1,13 @@
 """Shared by the default scenario's testinfra modules: the roles' names and small readers."""
 
+import json
+import os
+import subprocess
 from pathlib import Path
+
+PROJECT_DIR = Path(
+    os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3])
+)
 
 APP_USER = "iot"
 ENV_DIR = "/etc/iot-pipeline"
@@ -69,3 +76,41 @@ def inventory_dir(host):
     ephemeral directory, would parse the hosts yet drop the group_vars (the vault among them)."""
     path = Path(host.backend.ansible_inventory)
     return path if path.is_dir() else path.parent
+
+
+def offending_tasks(report):
+    """'host: task (changed|failed)' for every task result that is not clean."""
+    found = []
+    for play in report["plays"]:
+        for task in play["tasks"]:
+            for host, result in task["hosts"].items():
+                state = ("failed" if result.get("failed") or result.get("unreachable")
+                         else "changed" if result.get("changed") else "")
+                if state:
+                    detail = result.get("msg", "") if state == "failed" else result.get("diff", "")
+                    found.append(f"{host}: {task['task']['name']} ({state}) {str(detail)[:300]}")
+    return found
+
+
+def check_site_changes_nothing(host, expected_hosts):
+    """Runs site.yml --check --diff on the scenario's inventory; asserts no change, failure or
+    unreachable host on at least `expected_hosts` hosts."""
+    run = subprocess.run(
+        ["ansible-playbook", "-i", str(inventory_dir(host)),
+         str(PROJECT_DIR / "playbooks" / "site.yml"), "--check", "--diff"],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=900, check=False,
+        env={**os.environ, "ANSIBLE_ROLES_PATH": str(PROJECT_DIR / "roles"),
+             "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json", "ANSIBLE_FORCE_COLOR": "0"},
+    )
+    # molecule's profile_tasks callback prints its timings around the JSON report.
+    start = run.stdout.find("{")
+    assert start >= 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report, _ = json.JSONDecoder().raw_decode(run.stdout[start:])
+    stats = report["stats"]
+    # The tiers' hosts (and localhost, when a play uses it).
+    assert len(stats) >= expected_hosts, stats
+    totals = {key: sum(host_stats[key] for host_stats in stats.values())
+              for key in ("changed", "failures", "unreachable")}
+    assert totals == {"changed": 0, "failures": 0, "unreachable": 0}, (
+        f"{totals}:\n" + "\n".join(offending_tasks(report)))
+    assert run.returncode == 0, run.stderr[-3000:]

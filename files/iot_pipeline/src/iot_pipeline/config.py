@@ -144,7 +144,7 @@ def metrics_options(default_port: int) -> tuple[Option, ...]:
         Option("metrics_port", "IOT_METRICS_PORT",
                "port of the Prometheus /metrics endpoint (0: no endpoint)", port_number,
                default=str(default_port)),
-        # Loopback unless told otherwise: the roles pass the host's pipeline-network address.
+        # Loopback unless told otherwise: the roles bind every address, behind the hosts' firewall.
         Option("metrics_address", "IOT_METRICS_ADDRESS",
                "address the /metrics endpoint binds to (0.0.0.0: every interface)",
                default="127.0.0.1"),

@@ -1,0 +1,1 @@
+../../tls/tests/test_tls.py
