@@ -118,15 +118,19 @@ chaos: deps ## fault-injection runs with figures (local deployment)
 	python bench/chaos.py $(CHAOS_ARGS)
 
 # --- tests ------------------------------------------------------------------------------------
-.PHONY: test lint test-python molecule molecule-vms molecule-tls molecule-rollout test-all
+.PHONY: test test-unit lint test-python molecule molecule-vms molecule-tls molecule-rollout test-all
 test: deps lint test-python molecule molecule-vms ## lint + Python tests + molecule default and vms scenarios
 
 lint: venv host-packages ## ruff, yamllint, ansible-lint (production profile), promtool checks and tests of the alert rules
 	ruff check files/iot_pipeline tests
 	yamllint -s .
-	ansible-lint
+	ansible-lint --strict
 	promtool check rules roles/prometheus/files/rules/*.rules.yml
 	cd roles/prometheus/files/rules && promtool test rules *.test.yml
+
+test-unit: venv ## the fast loop, no services: tests/ (drift, precedence, preflight, firewall) + unit tests without TensorFlow models
+	python -m pytest -p no:cacheprovider -q tests
+	cd files/iot_pipeline && python -m pytest -p no:cacheprovider -q tests/unit -m "not slow"
 
 test-python: host-packages venv kafka-archive ## the services' tests; tests/: settings drift and inventory precedence
 	python -m pytest -p no:cacheprovider tests
