@@ -122,7 +122,7 @@ chaos: deps ## fault-injection runs with figures (local deployment)
 test: deps lint test-python molecule molecule-vms ## lint + Python tests + molecule default and vms scenarios
 
 lint: venv host-packages ## ruff, yamllint, ansible-lint (production profile), promtool checks and tests of the alert rules
-	ruff check files/iot_pipeline tests
+	ruff check files/iot_pipeline tests bench molecule
 	yamllint -s .
 	ansible-lint --strict
 	promtool check rules roles/prometheus/files/rules/*.rules.yml

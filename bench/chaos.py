@@ -538,10 +538,12 @@ def scenario(name: str, images: int, rate: float, drain_timeout_s: float, stall_
 
 def failing(r: dict) -> bool:
     """A scenario fails on any loss or duplicate, an unexplained restart, a missed drain target,
-    or a poison record not dead-lettered."""
+    a poison record not dead-lettered, a fault that could not be injected, or a simulator that
+    did not finish cleanly: a run whose fault never happened proves nothing."""
     return bool(r["lost"] or r["dup_rows"] or r["dup_results"] or r["unexpected"]
                 or r["restarts_unexplained"] or r["drain_met"] is False
-                or ("poison" in r and not r["poison"]["all_dead_lettered"]))
+                or ("poison" in r and not r["poison"]["all_dead_lettered"])
+                or r["fault_errors"] or r["simulator_rc"] != 0)
 
 
 def table(results: list[dict]) -> str:
