@@ -128,7 +128,7 @@ lint: venv host-packages ## ruff, yamllint, ansible-lint (production profile), p
 	promtool check rules roles/prometheus/files/rules/*.rules.yml
 	cd roles/prometheus/files/rules && promtool test rules *.test.yml
 
-test-unit: venv ## the fast loop, no services: tests/ (drift, precedence, preflight, firewall) + unit tests without TensorFlow models
+test-unit: venv host-packages ## the fast loop, no services: tests/ (drift, precedence, preflight, firewall) + unit tests without TensorFlow models
 	python -m pytest -p no:cacheprovider -q tests
 	cd files/iot_pipeline && python -m pytest -p no:cacheprovider -q tests/unit -m "not slow"
 

@@ -3,7 +3,8 @@
 # Debian 12 machine may lack: Java + Maven (build the offline Kafka archive, run the test
 # broker), PostgreSQL's server binaries (the Python integration tests start their own cluster),
 # debootstrap (base image), python3-venv, prometheus (for promtool: `make lint` checks and tests the
-# alert rules) and chromium (headless screenshot of the console dashboard, scripts/screenshot-console.sh).
+# alert rules), chromium (headless screenshot of the console dashboard, scripts/screenshot-console.sh)
+# and nftables (tests/test_firewall.py checks the generated tables with nft -c).
 # Docker is scripts/install-docker.sh's job.
 # Idempotent: apt runs only when something is missing, and `apt-get update` at most once.
 set -euo pipefail
@@ -24,6 +25,7 @@ need debootstrap debootstrap
 need unzip unzip
 need promtool prometheus
 need chromium chromium
+need /usr/sbin/nft nftables
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 
 if ((${#missing[@]} == 0)); then

@@ -1,7 +1,9 @@
-"""prometheus_alert_overrides: shorter (or longer) windows and `for:` of named alerts.
+"""prometheus_alert_overrides: shorter (or longer) windows and `for:` of named alerts;
+pipeline_names: the deployment's topic and group names in place of the shipped ones.
 
-The rule files under files/rules/ stay plain Prometheus YAML, so promtool checks and tests them
-as shipped; the role applies the overrides while it copies them (tasks/configure.yml).
+The rule files under files/rules/ and the console pages stay as shipped (promtool checks and
+tests the rules with the default names); the role applies both while it copies them
+(tasks/configure.yml).
 """
 
 import copy
@@ -40,6 +42,20 @@ def prometheus_alert_overrides(rules, overrides):
     return result
 
 
+def pipeline_names(text, names):
+    """Replaces each shipped name (a key of `names`: iot-images, iot-inference, ...) by the
+    deployment's (its value) wherever it stands as a whole name: quoted in a label matcher or
+    alone in a console row, never as part of a longer one (iot-inference-consumer stays)."""
+    for shipped, deployed in names.items():
+        if not isinstance(deployed, str) or not deployed:
+            raise AnsibleFilterError(f"pipeline_names: {shipped} maps to {deployed!r}")
+        text = re.sub(rf"(?<![\w-]){re.escape(shipped)}(?![\w-])", lambda _, d=deployed: d, text)
+    return text
+
+
 class FilterModule:
     def filters(self):
-        return {"prometheus_alert_overrides": prometheus_alert_overrides}
+        return {
+            "prometheus_alert_overrides": prometheus_alert_overrides,
+            "pipeline_names": pipeline_names,
+        }
