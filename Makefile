@@ -6,6 +6,8 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 VENV ?= .venv
+# Debian release of the local hosts (make up DEBIAN=13); the vms scenario uses both.
+export DEBIAN ?= 12
 KAFKA_VERSION ?= 4.1.1
 # Images `make up` sends through the pipeline, and `make simulate` sends on demand.
 IMAGES ?= 200
@@ -53,11 +55,13 @@ venv: ## .venv with pinned ansible, molecule, testinfra, linters and the package
 docker: ## install and start the Docker engine
 	scripts/install-docker.sh
 
-image: docker ## build the Debian 12 systemd base image (debootstrap + docker import)
-	scripts/build-base-image.sh
+image: docker ## build the Debian systemd base images (debootstrap + docker import): DEBIAN's, and 12 and 13 for the vms scenario
+	DEBIAN=12 scripts/build-base-image.sh
+	DEBIAN=13 scripts/build-base-image.sh
 
-vm-image: image ## build the image of the vms scenario's hosts (a fresh cloud VM: sshd, sudo, python3)
-	scripts/build-vm-image.sh
+vm-image: image ## build the images of the vms scenario's hosts (fresh Debian 12 and 13 cloud VMs: sshd, sudo, python3)
+	DEBIAN=12 scripts/build-vm-image.sh
+	DEBIAN=13 scripts/build-vm-image.sh
 
 kafka-archive: ## build the offline Kafka archive from Maven Central into .cache/kafka
 	scripts/build-kafka-archive.sh $(KAFKA_VERSION)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Build the base image of the four local hosts: Debian 12 (bookworm) with systemd as PID 1 and
-# python3, so Ansible treats each container like a small VM (apt, systemd units, users).
+# Build the base image of the local hosts: Debian 12 (bookworm) or 13 (trixie) with systemd as
+# PID 1 and python3, so Ansible treats each container like a small VM (apt, systemd units, users).
 #
 #   scripts/build-base-image.sh            # no-op when the image already exists
+#   DEBIAN=13 scripts/build-base-image.sh  # the Debian 13 image (iot-pipeline/debian13-systemd)
 #   FORCE=1 scripts/build-base-image.sh    # rebuild
 #
 # Environment:
-#   BASE_IMAGE      image to build / check (default iot-pipeline/debian12-systemd:latest)
+#   DEBIAN          12 (default, bookworm) or 13 (trixie)
+#   BASE_IMAGE      image to build / check (default iot-pipeline/debian$DEBIAN-systemd:latest)
 #   DEBIAN_MIRROR   Debian mirror (default: the one the host's apt uses, else http://deb.debian.org/debian)
 #   SECURITY_MIRROR security mirror (default: the host's, else http://deb.debian.org/debian-security)
 #   FORCE=1         rebuild even if BASE_IMAGE exists
@@ -22,8 +24,13 @@
 # debootstrap's downloaded .debs are kept in .cache/debootstrap/ (gitignored) so a rebuild is offline-ish.
 set -euo pipefail
 
-BASE_IMAGE="${BASE_IMAGE:-iot-pipeline/debian12-systemd:latest}"
-SUITE=bookworm
+DEBIAN="${DEBIAN:-12}"
+case "$DEBIAN" in
+    12) SUITE=bookworm ;;
+    13) SUITE=trixie ;;
+    *) printf '[build-base-image] ERROR: DEBIAN=%s: 12 or 13\n' "$DEBIAN" >&2; exit 1 ;;
+esac
+BASE_IMAGE="${BASE_IMAGE:-iot-pipeline/debian$DEBIAN-systemd:latest}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEB_CACHE="$REPO_ROOT/.cache/debootstrap"
 
@@ -66,9 +73,13 @@ host_mirror() {
     done | head -n 1
 }
 
+# The host's mirror for this suite, else the one it uses for its own release (the same archive
+# serves both), else Debian's.
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-$(host_mirror "$SUITE")}"
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-$(host_mirror "$(. /etc/os-release 2>/dev/null; echo "${VERSION_CODENAME:-}")")}"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SECURITY_MIRROR="${SECURITY_MIRROR:-$(host_mirror "$SUITE-security")}"
+SECURITY_MIRROR="${SECURITY_MIRROR:-$(host_mirror "$(. /etc/os-release 2>/dev/null; echo "${VERSION_CODENAME:-}")-security")}"
 SECURITY_MIRROR="${SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
 log "mirror $DEBIAN_MIRROR, security $SECURITY_MIRROR"
 
@@ -159,7 +170,7 @@ CHANGES=(
     --change 'CMD ["/lib/systemd/systemd"]'
     --change 'ENV container=docker'
     --change 'ENV LANG=C.UTF-8'
-    --change 'LABEL org.opencontainers.image.description="Debian 12 + systemd base for the iot-pipeline local hosts"'
+    --change "LABEL org.opencontainers.image.description=\"Debian $DEBIAN + systemd base for the iot-pipeline local hosts\""
 )
 if ! tar -C "$ROOTFS" --numeric-owner -c . | docker import "${CHANGES[@]}" --change 'STOPSIGNAL SIGRTMIN+3' \
         --message "debootstrap $SUITE from $DEBIAN_MIRROR" - "$BASE_IMAGE" >/dev/null 2>"$WORK/import.err"; then

@@ -9,13 +9,16 @@
 # Removed on purpose: acl, python3-apt, python3-venv (the roles must install what they need).
 #
 #   scripts/build-vm-image.sh             # no-op when the image already exists
+#   DEBIAN=13 scripts/build-vm-image.sh   # a Debian 13 one (iot-pipeline/debian13-vm)
 #   FORCE=1 scripts/build-vm-image.sh     # rebuild
 #
-# Environment: VM_IMAGE (default iot-pipeline/debian12-vm:latest), BASE_IMAGE (its parent).
+# Environment: DEBIAN (12 or 13), VM_IMAGE (default iot-pipeline/debian$DEBIAN-vm:latest),
+# BASE_IMAGE (its parent, scripts/build-base-image.sh with the same DEBIAN).
 set -euo pipefail
 
-VM_IMAGE="${VM_IMAGE:-iot-pipeline/debian12-vm:latest}"
-BASE_IMAGE="${BASE_IMAGE:-iot-pipeline/debian12-systemd:latest}"
+DEBIAN="${DEBIAN:-12}"
+VM_IMAGE="${VM_IMAGE:-iot-pipeline/debian$DEBIAN-vm:latest}"
+BASE_IMAGE="${BASE_IMAGE:-iot-pipeline/debian$DEBIAN-systemd:latest}"
 
 log() { printf '[build-vm-image] %s\n' "$*" >&2; }
 die() { printf '[build-vm-image] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -26,7 +29,7 @@ if [[ "${FORCE:-0}" != 1 ]] && docker image inspect "$VM_IMAGE" >/dev/null 2>&1;
     exit 0
 fi
 docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 \
-    || die "$BASE_IMAGE not found; build it first with scripts/build-base-image.sh"
+    || die "$BASE_IMAGE not found; build it first with DEBIAN=$DEBIAN scripts/build-base-image.sh"
 
 log "building $VM_IMAGE from $BASE_IMAGE"
 # The legacy builder: Debian's docker.io 20.10 ships no buildx, and the build needs no BuildKit feature.
@@ -51,6 +54,6 @@ RUN set -eux; \
         '[Service]' 'Type=oneshot' 'ExecStart=/usr/bin/ssh-keygen -A' \
         '[Install]' 'WantedBy=ssh.service' >/etc/systemd/system/ssh-host-keys.service; \
     systemctl enable ssh-host-keys.service ssh.service
-LABEL org.opencontainers.image.description="Debian 12 + systemd + sshd: a fresh cloud VM for the vms scenario"
+LABEL org.opencontainers.image.description="Debian $DEBIAN + systemd + sshd: a fresh cloud VM for the vms scenario"
 DOCKERFILE
 log "built $VM_IMAGE"

@@ -254,7 +254,9 @@ def test_app_role_cannot_open_other_databases(host):
 
 
 def test_keys_stay_private(host):
-    key = host.file("/etc/postgresql/15/main/tls/server.key")
+    # 15 on Debian 12, 17 on 13: the one cluster's directory, whichever it is.
+    config_dir = host.check_output("ls -d /etc/postgresql/*/main")
+    key = host.file(f"{config_dir}/tls/server.key")
     assert key.user == "root" and key.group == "postgres" and key.mode == 0o640
     keystore = tier(host, "kafka").file("/etc/kafka/tls/keystore.pem")
     assert (

@@ -129,3 +129,24 @@ def test_ssh_offers_no_password_login():
               "-o", "PubkeyAuthentication=no")
     assert run.returncode == 255, run.stderr
     assert "Permission denied (publickey)" in run.stderr, run.stderr
+
+
+# The mixed fleet of molecule.yml: each host on its release, with that release's packages.
+RELEASES = {"vm1": "12", "vm2": "13", "vm3": "13", "vm4": "13", "vm5": "13"}
+
+
+@pytest.mark.parametrize(("name", "release"), sorted(RELEASES.items()))
+def test_each_host_runs_its_debian_release(host, name, release):
+    os_release = tier(host, name).file("/etc/os-release").content_string
+    assert f'VERSION_ID="{release}"' in os_release, os_release
+
+
+def test_the_release_decides_postgresql_java_and_python(host):
+    db, kafka, ml = tier(host, "vm3"), tier(host, "vm2"), tier(host, "vm4")
+    assert db.check_output("ls /etc/postgresql") == "17"
+    assert "openjdk-21-jre-headless" in kafka.check_output("dpkg-query -W -f '${Package}\\n' 'openjdk-*'")
+    # The ML host's services run Python 3.13, from wheels made for it.
+    version = ml.check_output("/opt/iot-pipeline/venv/bin/python -c %s",
+                              "import sys; print('%d.%d' % sys.version_info[:2])")
+    assert version == "3.13"
+    assert ml.file("/opt/iot-pipeline/wheelhouse/cp313-ml").is_directory
