@@ -219,3 +219,26 @@ def test_a_valid_inventory_passes_every_check_until_the_hosts_must_answer(tmp_pa
     validated = {result["validate_args_context"]["name"] for _, _, _, result in results(report)
                  if "validate_args_context" in result and not result.get("skipped")}
     assert site_roles() <= validated, site_roles() - validated
+
+
+def test_an_unsupported_os_is_refused_naming_the_host(tmp_path: Path, listener: Listener) -> None:
+    """The host checks on this machine itself (local connection, read only): told that only
+    "Debian 11" is supported, the preflight refuses every host by name and its release, and no
+    play after the preflight starts."""
+    release = dict(line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines()
+                   if "=" in line)
+    distribution = release["NAME"].strip('"').split()[0]
+
+    def local(hosts: Hosts) -> None:
+        hosts["all"]["vars"].update(pipeline_supported_os=["Debian 11"])
+        for _, host_vars, _ in each_host(hosts):
+            # Already root here: no sudo (connection variables outrank the plays' become).
+            host_vars.update(ansible_connection="local", ansible_become=False)
+
+    code, report = site(production_copy(tmp_path, listener.port, SECRETS, local), tmp_path)
+    assert_stopped_in_preflight(code, report, listener)
+    failed = failures(report)
+    assert failed, report["stats"]
+    for name in ("vm1", "vm2", "vm3", "vm4", "vm5"):
+        assert any(msg.startswith(f"{name}: {name} runs {distribution} ")
+                   and msg.endswith("this repo supports Debian 11") for msg in failed), failed
